@@ -1,0 +1,123 @@
+"""Where the teacher's weights come from: timm's pretrained weights through the Hugging Face Hub.
+
+Fetching is kept apart from building the model so that constructing a ``TransformerStudent``
+never touches the network: weights are fetched when training starts, and a checkpoint that
+already holds them never fetches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from urllib.parse import urlparse
+
+import timm
+import torch
+
+logger = logging.getLogger(__name__)
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class TeacherWeightsUnavailableError(RuntimeError):
+    """The teacher's pretrained weights could not be had (offline, not cached, or not found)."""
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds.
+
+    Name resolution can block far longer than a socket timeout, so the probe runs in a daemon
+    thread and is abandoned when the time is up.
+    """
+    url = urlparse(_hub_endpoint())
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(outcome and outcome[0])
+
+
+def _hub_file(name: str) -> tuple[str, str] | None:
+    """The Hugging Face repository and file timm would download for ``name``, if it uses the Hub."""
+    config = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    if config is None or not config.hf_hub_id:
+        return None
+    return config.hf_hub_id, config.hf_hub_filename or "model.safetensors"
+
+
+def is_cached(name: str) -> bool:
+    """Whether the pretrained weights of ``name`` are already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_file = _hub_file(name)
+    if hub_file is None:
+        return False
+    repo_id, filename = hub_file
+    candidates = [filename, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, candidate), str) for candidate in candidates)
+
+
+def _offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def unavailable_message(name: str, reason: str) -> str:
+    """The error text for weights that cannot be fetched, with both ways out."""
+    return (
+        f"Could not fetch the pretrained weights of teacher '{name}': {reason}.\n"
+        "Ways out:\n"
+        "  1. On a machine with internet, download them once (e.g. "
+        f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`), copy the Hugging Face "
+        "cache (~/.cache/huggingface) to this machine and set HF_HUB_OFFLINE=1;\n"
+        "  2. or train without pretrained weights (`pretrained=False`, only for tests and experiments)."
+    )
+
+
+def fetch_pretrained_state_dict(name: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> dict[str, torch.Tensor]:
+    """The pretrained weights of timm model ``name``, from the local cache or the Hub.
+
+    Decides within about ``timeout`` seconds when the Hub is unreachable instead of waiting on
+    retries.
+
+    Raises:
+        TeacherWeightsUnavailableError: If the weights are neither cached nor downloadable.
+    """
+    if not is_cached(name):
+        if _offline_mode():
+            raise TeacherWeightsUnavailableError(
+                unavailable_message(name, "HF_HUB_OFFLINE is set and they are not in the local cache")
+            )
+        if _hub_file(name) is not None and not hub_reachable(timeout):
+            raise TeacherWeightsUnavailableError(
+                unavailable_message(name, f"{_hub_endpoint()} is unreachable and they are not cached")
+            )
+    logger.info("Loading pretrained weights of teacher '%s'.", name)
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as error:  # timm and huggingface_hub raise many kinds here
+        raise TeacherWeightsUnavailableError(unavailable_message(name, f"{type(error).__name__}: {error}")) from error
+    return model.state_dict()
+
+
+def pretrained_weights_available(name: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether :func:`fetch_pretrained_state_dict` can be expected to succeed (cached or Hub reachable)."""
+    if is_cached(name):
+        return True
+    return not _offline_mode() and hub_reachable(timeout)
