@@ -15,7 +15,7 @@ _PLUGIN = "anomalib_transformer_student"
 class _ImportPluginAfterAnomalibModels:
     """Meta-path finder that imports the plugin right after ``anomalib.models`` has executed."""
 
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001, ANN201
+    def find_spec(self, fullname, path, target=None):
         if fullname != _TRIGGER:
             return None
         sys.meta_path.remove(self)
@@ -28,7 +28,7 @@ class _ImportPluginAfterAnomalibModels:
             return None
         execute = spec.loader.exec_module
 
-        def exec_module_then_plugin(module) -> None:  # noqa: ANN001
+        def exec_module_then_plugin(module) -> None:
             execute(module)
             try:
                 __import__(_PLUGIN)

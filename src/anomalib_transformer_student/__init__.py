@@ -6,6 +6,9 @@ Example:
 """
 
 from .lightning_model import TransformerStudent
+from .registration import register_with_anomalib
 from .torch_model import TransformerStudentModel
+
+register_with_anomalib()
 
 __all__ = ["TransformerStudent", "TransformerStudentModel"]

@@ -79,7 +79,9 @@ def _defect_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     centre_r, centre_c = rng.integers(margin, size - margin, size=2)
     if kind == "stain":
         radius_r, radius_c = rng.uniform(0.04, 0.1, size=2) * size
-        rows, cols = draw.ellipse(centre_r, centre_c, radius_r, radius_c, shape=mask.shape, rotation=rng.uniform(0, np.pi))
+        rows, cols = draw.ellipse(
+            centre_r, centre_c, radius_r, radius_c, shape=mask.shape, rotation=rng.uniform(0, np.pi)
+        )
     elif kind == "scratch":
         length = rng.uniform(0.15, 0.35) * size
         angle = rng.uniform(0, np.pi)
@@ -133,7 +135,9 @@ def generate_demo_dataset(root: str | Path, spec: DemoDatasetSpec | None = None)
         texture = _texture(category)
         folder = root / category
         for index in range(spec.n_train):
-            _save(_nominal_crop(texture, spec.image_size, rng), folder / "train" / "good" / f"{index:03d}.png")
+            _save(
+                _nominal_crop(texture, spec.image_size, rng), folder / "train" / "good" / f"{index:03d}.png"
+            )
         for index in range(spec.n_test_good):
             _save(_nominal_crop(texture, spec.image_size, rng), folder / "test" / "good" / f"{index:03d}.png")
         for kind in DEFECT_TYPES:

@@ -65,6 +65,9 @@ class TransformerStudent(AnomalibModule):
         blur_kernel_sizes: Odd box-filter sizes of the map smoothing stages.
         blur_repeats: How often each smoothing stage is applied.
         topk_ratio: Fraction of map pixels whose mean is the image score.
+        max_epochs: Epochs to train, imposed on the trainer; for anomalib's benchmark pipeline,
+            which gives the trainer no options. ``None`` (default) leaves the trainer's own
+            setting (``--trainer.max_epochs``; the paper trains 50 epochs).
         pre_processor: Pre-processor, or ``True`` for square edge-pad, bicubic resize to
             ``image_size`` and ImageNet normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
@@ -88,6 +91,7 @@ class TransformerStudent(AnomalibModule):
         blur_kernel_sizes: Sequence[int] = (5, 7),
         blur_repeats: Sequence[int] = (5, 3),
         topk_ratio: float = 0.001,
+        max_epochs: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -102,6 +106,7 @@ class TransformerStudent(AnomalibModule):
         self.teacher_name = teacher
         self.pretrained = pretrained
         self.lr = lr
+        self.max_epochs = max_epochs
         feature_extractor = TeacherFeatureExtractor(create_backbone(teacher), layers, image_size)
         if not pretrained:
             logger.warning(
@@ -118,11 +123,13 @@ class TransformerStudent(AnomalibModule):
         """Square edge-pad, bicubic resize to ``image_size`` (default 1036 x 1036), ImageNet normalisation."""
         image_size = image_size or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
         return PreProcessor(
-            transform=Compose([
-                SquarePad(),
-                Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-                Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-            ]),
+            transform=Compose(
+                [
+                    SquarePad(),
+                    Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                    Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+                ]
+            ),
         )
 
     def load_teacher_weights(self) -> None:
@@ -155,8 +162,8 @@ class TransformerStudent(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No trainer overrides; the paper's 50 epochs are set in ``configs/transformer_student.yaml``."""
-        return {}
+        """Only ``max_epochs`` when the constructor was given one; the paper's 50 epochs are in the configs."""
+        return {} if self.max_epochs is None else {"max_epochs": self.max_epochs}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over both students; the teacher is frozen."""

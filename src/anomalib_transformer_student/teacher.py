@@ -50,7 +50,9 @@ def normalise_layers(layers: Sequence[int], depth: int) -> tuple[int, int]:
     Raises:
         ValueError: If there are not exactly two indices, one is out of range, or both are equal.
     """
-    valid = f"valid indices are 0..{depth - 1} (or -{depth}..-1 from the end) for a teacher with {depth} blocks"
+    valid = (
+        f"valid indices are 0..{depth - 1} (or -{depth}..-1 from the end) for a teacher with {depth} blocks"
+    )
     if len(layers) != 2:
         msg = f"layers must be exactly two block indices (shallow, deep), got {list(layers)}; {valid}."
         raise ValueError(msg)
@@ -122,7 +124,7 @@ class TeacherFeatureExtractor(nn.Module):
     def _resample_pos_embed(self, backbone: nn.Module, pos_embed: torch.Tensor) -> torch.Tensor:
         prefix = 0 if getattr(backbone, "no_embed_class", False) else self.num_prefix_tokens
         grid_tokens = pos_embed.shape[1] - prefix
-        native_side = int(round(grid_tokens**0.5))
+        native_side = round(grid_tokens**0.5)
         return resample_abs_pos_embed(
             pos_embed,
             new_size=list(self.grid_size),

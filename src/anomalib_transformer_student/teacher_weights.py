@@ -112,7 +112,9 @@ def fetch_pretrained_state_dict(name: str, timeout: float = HUB_PROBE_TIMEOUT_S)
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as error:  # timm and huggingface_hub raise many kinds here
-        raise TeacherWeightsUnavailableError(unavailable_message(name, f"{type(error).__name__}: {error}")) from error
+        raise TeacherWeightsUnavailableError(
+            unavailable_message(name, f"{type(error).__name__}: {error}")
+        ) from error
     return model.state_dict()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -9,9 +11,28 @@ from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional
 
-from .anomaly_map import AnomalyMapGenerator
+from .anomaly_map import AnomalyMapGenerator, square_padding
 from .students import StudentMLP
 from .teacher import TeacherFeatureExtractor
+
+logger = logging.getLogger(__name__)
+
+# Autocast dtype of the teacher on CUDA for each ``teacher_precision``; float32 runs no autocast.
+TEACHER_PRECISIONS: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@functools.cache
+def _note_full_precision(precision: str, device_type: str) -> None:
+    logger.warning(
+        "teacher_precision=%s applies on CUDA only; the teacher runs in float32 on %s "
+        "(CPUs without native half precision run it far slower, not faster).",
+        precision,
+        device_type,
+    )
 
 
 def cosine_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -32,6 +53,8 @@ class TransformerStudentModel(nn.Module):
         blur_kernel_sizes: Box-filter stages of the map smoothing.
         blur_repeats: Repetitions of each stage.
         topk_ratio: Fraction of map pixels averaged into the image score.
+        teacher_precision: ``"float32"``, or ``"float16"``/``"bfloat16"`` to run the teacher under
+            autocast on CUDA (its tokens come back as float32; other devices keep float32).
 
     Example:
         >>> from anomalib_transformer_student.teacher import TeacherFeatureExtractor, create_backbone
@@ -48,8 +71,13 @@ class TransformerStudentModel(nn.Module):
         blur_kernel_sizes: Sequence[int] = (5, 7),
         blur_repeats: Sequence[int] = (5, 3),
         topk_ratio: float = 0.001,
+        teacher_precision: str = "float32",
     ) -> None:
         super().__init__()
+        if teacher_precision not in TEACHER_PRECISIONS:
+            msg = f"teacher_precision must be one of {sorted(TEACHER_PRECISIONS)}, got '{teacher_precision}'."
+            raise ValueError(msg)
+        self.teacher_precision = teacher_precision
         self.teacher = teacher
         self.forward_student = StudentMLP(teacher.embed_dim)
         self.backward_student = StudentMLP(teacher.embed_dim)
@@ -57,19 +85,48 @@ class TransformerStudentModel(nn.Module):
 
     def student_loss(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """Training loss from the teacher's tokens (callers may pass cached tokens)."""
-        return cosine_loss(self.forward_student(shallow), deep) + cosine_loss(self.backward_student(deep), shallow)
+        return cosine_loss(self.forward_student(shallow), deep) + cosine_loss(
+            self.backward_student(deep), shallow
+        )
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
-        """Loss in training mode, ``InferenceBatch(pred_score, anomaly_map)`` in eval mode."""
-        shallow, deep = self.teacher(images)
+    def teacher_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the teacher's shallow and deep tokens as float32, run at ``teacher_precision`` on CUDA."""
+        dtype = TEACHER_PRECISIONS[self.teacher_precision]
+        if dtype is None:
+            return self.teacher(images)
+        if images.device.type != "cuda":
+            _note_full_precision(self.teacher_precision, images.device.type)
+            return self.teacher(images)
+        with torch.autocast("cuda", dtype=dtype):
+            shallow, deep = self.teacher(images)
+        return shallow.float(), deep.float()
+
+    def forward(
+        self, images: torch.Tensor, original_size: tuple[int, int] | None = None
+    ) -> torch.Tensor | InferenceBatch:
+        """Loss in training mode, ``InferenceBatch(pred_score, anomaly_map)`` in eval mode.
+
+        Args:
+            images: Pre-processed images ``(B, 3, S, S)``.
+            original_size: In eval mode, the ``(height, width)`` the images had before square
+                padding and resizing: the map is then upsampled to the padded original size,
+                blurred there and cropped back to ``original_size`` (the paper's evaluation).
+                ``None`` returns the map at the input's size.
+        """
+        shallow, deep = self.teacher_features(images)
         if self.training:
             return self.student_loss(shallow, deep)
+        output_size = tuple(images.shape[-2:])
+        if original_size is not None:
+            side = square_padding(original_size)[0]
+            output_size = (side, side)
         anomaly_map, pred_score = self.anomaly_map_generator(
             shallow=shallow,
             deep=deep,
             predicted_shallow=self.backward_student(deep),
             predicted_deep=self.forward_student(shallow),
             grid_size=self.teacher.grid_size,
-            output_size=tuple(images.shape[-2:]),
+            output_size=output_size,
+            original_size=original_size,
         )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,0 +1,108 @@
+"""The unmodified `anomalib` console script knows TransformerStudent: train, test, predict, benchmark."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from anomalib.models import get_model
+
+from anomalib_transformer_student import TransformerStudent
+
+from .cli_helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint written by `anomalib train --model TransformerStudent` (short name)."""
+    workdir = tmp_path_factory.mktemp("cli_train")
+    result = run_cli(
+        ["train", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, *data_args(demo_root),
+         "--trainer.max_epochs", "1", "--default_root_dir", str(workdir / "results")],
+        cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "image_AUROC" in result.stdout + result.stderr
+    found = checkpoints(workdir / "results")
+    assert found, "anomalib train wrote no checkpoint"
+    return found[0]
+
+
+def test_train_with_short_name_writes_checkpoint(trained: Path) -> None:
+    assert trained.stat().st_size > 1_000_000  # teacher and students are in it
+
+
+def test_train_with_full_class_path(demo_root: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        ["train", "--model", "anomalib_transformer_student.TransformerStudent", *SMALL_MODEL_ARGS,
+         *data_args(demo_root), "--trainer.max_epochs", "1", "--default_root_dir", str(tmp_path / "results")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoints(tmp_path / "results")
+
+
+def test_test_from_checkpoint(trained: Path, demo_root: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        ["test", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, *data_args(demo_root),
+         "--ckpt_path", str(trained), "--default_root_dir", str(tmp_path / "results")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "image_AUROC" in output
+    assert "pixel_AUROC" in output
+
+
+def test_predict_from_checkpoint(trained: Path, demo_root: Path, tmp_path: Path) -> None:
+    images = demo_root / "brick" / "test" / "stain"
+    result = run_cli(
+        ["predict", "--model", "TransformerStudent", *SMALL_MODEL_ARGS,
+         "--data", str(images), "--ckpt_path", str(trained), "--default_root_dir", str(tmp_path / "results")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = list((tmp_path / "results").rglob("*.png"))
+    assert len(written) == len(list(images.glob("*.png")))
+
+
+def test_get_model_returns_our_class() -> None:
+    model = get_model(
+        "TransformerStudent", pretrained=False, teacher="vit_small_patch14_dinov2", image_size=112
+    )
+    assert type(model) is TransformerStudent
+    by_config = get_model(
+        {"class_path": "TransformerStudent", "init_args": {"pretrained": False, "image_size": 56}}
+    )
+    assert type(by_config) is TransformerStudent
+    assert by_config.model.teacher.grid_size == (4, 4)
+
+
+def test_benchmark_pipeline_runs(demo_root: Path, tmp_path: Path) -> None:
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / "benchmark.yaml").read_text())
+    config["accelerator"] = ["cpu"]
+    config["benchmark"]["model"]["init_args"] = {
+        "pretrained": False, "teacher": "vit_small_patch14_dinov2", "image_size": 112, "max_epochs": 1,
+    }  # fmt: skip
+    data_init = config["benchmark"]["data"]["init_args"]
+    data_init.update({"root": str(demo_root), "num_workers": 0, "category": {"grid": ["brick"]}})
+    config_path = tmp_path / "benchmark.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = run_cli(["benchmark", "--config", str(config_path)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "TransformerStudent" in output
+    assert "image_AUROC" in output
+
+
+def test_models_listed_by_anomalib() -> None:
+    listed = subprocess.run(
+        [sys.executable, "-c", "from anomalib.models import list_models; print(sorted(list_models('pascal')))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "TransformerStudent" in listed.stdout
