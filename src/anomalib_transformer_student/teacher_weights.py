@@ -1,16 +1,25 @@
-"""Where the teacher's weights come from: timm's pretrained weights through the Hugging Face Hub.
+"""Where the teacher's weights come from: the Hugging Face Hub (through timm) or a local file.
+
+Sources:
+
+- timm's pretrained weights, from the local Hugging Face cache or the Hub (the default);
+- a local file in timm's layout (``.safetensors``, ``.pth``, ``.pt``, ``.bin``);
+- a local file in the official DINOv2 torch.hub layout (``dinov2_vitb14_reg4_pretrain.pth``),
+  converted to timm's layout on load.
 
 Fetching is kept apart from building the model so that constructing a ``TransformerStudent``
-never touches the network: weights are fetched when training starts, and a checkpoint that
-already holds them never fetches.
+never touches the network or the disk: weights are loaded when training starts, and a
+checkpoint that already holds them loads nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
+from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
@@ -112,9 +121,7 @@ def fetch_pretrained_state_dict(name: str, timeout: float = HUB_PROBE_TIMEOUT_S)
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as error:  # timm and huggingface_hub raise many kinds here
-        raise TeacherWeightsUnavailableError(
-            unavailable_message(name, f"{type(error).__name__}: {error}")
-        ) from error
+        raise TeacherWeightsUnavailableError(unavailable_message(name, f"{type(error).__name__}: {error}")) from error
     return model.state_dict()
 
 
@@ -123,3 +130,73 @@ def pretrained_weights_available(name: str, timeout: float = HUB_PROBE_TIMEOUT_S
     if is_cached(name):
         return True
     return not _offline_mode() and hub_reachable(timeout)
+
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_WRAPPER_KEYS = ("state_dict", "model", "teacher")
+
+
+def is_official_dinov2(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` uses the official DINOv2 (torch.hub) layout rather than timm's."""
+    return (
+        "mask_token" in state_dict or "register_tokens" in state_dict or any(".mlp.w12." in key for key in state_dict)
+    )
+
+
+def convert_official_dinov2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map official DINOv2 keys to timm's ``vit_*_dinov2`` layout.
+
+    The mask token (used only in DINOv2's own training) is dropped; SwiGLU ``w12``/``w3`` become
+    ``fc1``/``fc2``. With registers, timm adds no positional embedding to the prefix tokens, so
+    the class token's position is folded into the class token and its pos-embed row removed.
+    """
+    converted = {key: value for key, value in state_dict.items() if key != "mask_token"}
+    if "register_tokens" in converted:
+        converted["reg_token"] = converted.pop("register_tokens")
+        pos_embed = converted.pop("pos_embed")
+        converted["cls_token"] = converted["cls_token"] + pos_embed[:, :1]
+        converted["pos_embed"] = pos_embed[:, 1:]
+    renamed = {}
+    for key, value in converted.items():
+        key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key)
+        renamed[re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key)] = value
+    return renamed
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a teacher weights file in timm's or the official DINOv2 layout, returned in timm's layout.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file cannot be read as weights.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        msg = f"Teacher weights file not found: '{path}'. Check `teacher_weights` (absolute paths are safest)."
+        raise FileNotFoundError(msg)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(str(path))
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch and safetensors raise many kinds for a bad file
+        msg = f"Could not read teacher weights from '{path}': {type(error).__name__}: {error}"
+        raise ValueError(msg) from error
+    for wrapper in _WRAPPER_KEYS:
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        msg = f"'{path}' does not hold a flat state dict of tensors; save `model.state_dict()` to it."
+        raise ValueError(msg)
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    return convert_official_dinov2(state_dict) if is_official_dinov2(state_dict) else state_dict
+
+
+def teacher_state_dict(name: str, weights: str | None) -> dict[str, torch.Tensor]:
+    """The teacher's weights in timm's layout: from the file ``weights``, or timm's pretrained ones when ``None``."""
+    if weights is None:
+        return fetch_pretrained_state_dict(name)
+    logger.info("Loading teacher weights from '%s'.", weights)
+    return read_weights_file(weights)

@@ -28,14 +28,15 @@ def data_args(root: Path, category: str = "brick") -> list[str]:
 
 
 def run_cli(
-    args: list[str], cwd: Path, python: Path | None = None, timeout: int = 600
+    args: list[str], cwd: Path, python: Path | None = None, env: dict[str, str] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """Run the anomalib console script (optionally under another interpreter) and return the finished process."""
+    """Run the anomalib console script (optionally under another interpreter) and return the finished process.
+
+    The Hugging Face Hub is switched to offline mode unless ``env`` says otherwise.
+    """
     command = [str(python), str(ANOMALIB), *args] if python else [str(ANOMALIB), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "500", **(env or {})}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 def checkpoints(root: Path) -> list[Path]:
