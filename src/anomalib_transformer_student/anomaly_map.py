@@ -71,9 +71,7 @@ def smoothing_matrix(grid: int, size: int, blur_passes: Sequence[int], like: tor
         Matrix of shape ``(size, grid)``.
     """
     identity = torch.eye(grid, device=like.device, dtype=like.dtype)
-    upsampled = functional.interpolate(
-        identity[None, None], size=(size, grid), mode="bilinear", align_corners=False
-    )
+    upsampled = functional.interpolate(identity[None, None], size=(size, grid), mode="bilinear", align_corners=False)
     columns = upsampled[0, 0].T  # (grid, size): filter along the output axis
     for kernel_size in blur_passes:
         columns = box_blur_1d(columns, kernel_size)
@@ -143,9 +141,7 @@ class AnomalyMapGenerator(nn.Module):
             msg = f"topk_ratio must be in (0, 1], got {topk_ratio}."
             raise ValueError(msg)
         self.blur_passes = [
-            int(size)
-            for size, repeat in zip(blur_kernel_sizes, blur_repeats, strict=True)
-            for _ in range(repeat)
+            int(size) for size, repeat in zip(blur_kernel_sizes, blur_repeats, strict=True) for _ in range(repeat)
         ]
         self.topk_ratio = float(topk_ratio)
 

@@ -13,17 +13,33 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from anomalib import LearningType
-from anomalib.data.transforms import SquarePad
+from anomalib.data import InferenceBatch
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
-from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+from anomalib.pre_processing.utils.spec import transform_to_spec
+from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
+from .checkpoint_compat import check_checkpoint_compatible, record_architecture
+from .data_checks import DataChecks
+from .feature_cache import (
+    CACHE_DTYPES,
+    TeacherFeatureCache,
+    default_cache_dir,
+    ensure_writable,
+    feature_fingerprint,
+    image_key,
+    weights_digest,
+)
+from .numerics import check_finite_features
+from .original_resolution import OriginalSizePreProcessor, square_resize_transform
+from .rng_state import capture_rng_state, restore_rng_state
 from .teacher import DEFAULT_LAYERS, DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
-from .teacher_weights import fetch_pretrained_state_dict
+from .teacher_weights import teacher_state_dict
 from .torch_model import TransformerStudentModel
 
 if TYPE_CHECKING:
@@ -35,8 +51,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 1036
 
 __all__ = ["TransformerStudent"]
@@ -57,6 +71,10 @@ class TransformerStudent(AnomalibModule):
         teacher: timm name of the Vision Transformer teacher.
         pretrained: Load the teacher's pretrained weights; ``False`` keeps random weights
             (tests and experiments only).
+        teacher_weights: Where the pretrained weights come from: ``None`` for timm's weights via
+            the Hugging Face Hub or its local cache (``HF_HUB_OFFLINE=1`` works once cached), or
+            the path of a local file in timm's layout (``.safetensors``, ``.pth``, ``.bin``) or
+            in the official DINOv2 torch.hub layout (e.g. ``dinov2_vitb14_reg4_pretrain.pth``).
         layers: Two block indices ``(shallow, deep)``; negative indices count from the end.
         image_size: Side of the square model input in pixels; a multiple of the teacher's patch
             size (14 for DINOv2), else construction fails naming the nearest valid sizes.
@@ -68,8 +86,29 @@ class TransformerStudent(AnomalibModule):
         max_epochs: Epochs to train, imposed on the trainer; for anomalib's benchmark pipeline,
             which gives the trainer no options. ``None`` (default) leaves the trainer's own
             setting (``--trainer.max_epochs``; the paper trains 50 epochs).
+        feature_cache: Cache the teacher's features of each training image after the first
+            epoch, so that later epochs run only the students. ``None`` (default) turns it on
+            unless the datamodule applies train-time augmentation; ``True`` keeps it on even
+            then (each image's features come from its first augmented version).
+        cache_dir: Folder of the cache's disk part (entries beyond the memory budget);
+            default ``~/.cache/anomalib_transformer_student/teacher_features``. Must be
+            writable, else training stops before it starts.
+        cache_dtype: Storage dtype of cached features: ``"float16"`` (default, half the
+            memory) or ``"float32"`` (exact).
+        cache_memory_budget_mb: Memory for cached features per process; beyond it they go to
+            a memory-mapped file in ``cache_dir``, which later runs with the same teacher,
+            weights, layers, image size and pre-processing reuse. ``0`` keeps all on disk.
+        full_resolution_maps: At validation, test and predict, return each anomaly map at its
+            image's original size (upsampled to the square-padded original size, padding
+            cropped away), with ``gt_mask`` left at full resolution, as the paper evaluates.
+            Needs the default pre-processor. Exported models return the map at the input's size.
+        teacher_precision: ``"float32"`` (default), or ``"float16"``/``"bfloat16"`` to run the
+            teacher under autocast on CUDA; other devices always run float32.
+        skip_corrupt_images: Drop images (and masks) that cannot be decoded, with one warning
+            listing them, instead of stopping with ``CorruptImageError`` (every image and mask is
+            checked before a stage starts; see :class:`DataChecks`).
         pre_processor: Pre-processor, or ``True`` for square edge-pad, bicubic resize to
-            ``image_size`` and ImageNet normalisation.
+            ``image_size`` and ImageNet normalisation (:class:`OriginalSizePreProcessor`).
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
         visualizer: Visualizer, or ``True`` for anomalib's default.
@@ -85,6 +124,7 @@ class TransformerStudent(AnomalibModule):
         self,
         teacher: str = DEFAULT_TEACHER,
         pretrained: bool = True,
+        teacher_weights: str | None = None,
         layers: Sequence[int] = DEFAULT_LAYERS,
         image_size: int = DEFAULT_IMAGE_SIZE,
         lr: float = 1e-4,
@@ -92,6 +132,13 @@ class TransformerStudent(AnomalibModule):
         blur_repeats: Sequence[int] = (5, 3),
         topk_ratio: float = 0.001,
         max_epochs: int | None = None,
+        feature_cache: bool | None = None,
+        cache_dir: str | None = None,
+        cache_dtype: Literal["float16", "float32"] = "float16",
+        cache_memory_budget_mb: float = 4096.0,
+        full_resolution_maps: bool = True,
+        teacher_precision: Literal["float32", "float16", "bfloat16"] = "float32",
+        skip_corrupt_images: bool = False,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -105,6 +152,10 @@ class TransformerStudent(AnomalibModule):
         )
         self.teacher_name = teacher
         self.pretrained = pretrained
+        if teacher_weights is not None and not pretrained:
+            msg = f"teacher_weights='{teacher_weights}' conflicts with pretrained=False; drop one of them."
+            raise ValueError(msg)
+        self.teacher_weights = None if teacher_weights is None else str(teacher_weights)
         self.lr = lr
         self.max_epochs = max_epochs
         feature_extractor = TeacherFeatureExtractor(create_backbone(teacher), layers, image_size)
@@ -114,30 +165,64 @@ class TransformerStudent(AnomalibModule):
                 teacher,
             )
             feature_extractor.weights_loaded.fill_(True)
-        self.model = TransformerStudentModel(feature_extractor, blur_kernel_sizes, blur_repeats, topk_ratio)
+        self.model = TransformerStudentModel(
+            feature_extractor, blur_kernel_sizes, blur_repeats, topk_ratio, teacher_precision=teacher_precision
+        )
         if pre_processor is True:
-            self.pre_processor = self.configure_pre_processor((image_size, image_size))
+            self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps)
+        elif full_resolution_maps and pre_processor is not False:
+            logger.info(
+                "full_resolution_maps needs the default pre-processor; with a custom one, maps come at the "
+                "size the pre-processor gives (exported models still return them at the input's size)."
+            )
+        if cache_dtype not in CACHE_DTYPES:
+            msg = f"cache_dtype must be one of {list(CACHE_DTYPES)}, got '{cache_dtype}'."
+            raise ValueError(msg)
+        self.feature_cache = feature_cache
+        self.cache_dir = cache_dir
+        self.cache_dtype = cache_dtype
+        self.cache_memory_budget_mb = cache_memory_budget_mb
+        self.full_resolution_maps = full_resolution_maps
+        self.skip_corrupt_images = skip_corrupt_images
+        self._feature_cache: TeacherFeatureCache | None = None
 
     @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Square edge-pad, bicubic resize to ``image_size`` (default 1036 x 1036), ImageNet normalisation."""
-        image_size = image_size or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
-        return PreProcessor(
-            transform=Compose(
-                [
-                    SquarePad(),
-                    Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
-                    Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-                ]
-            ),
-        )
+    def configure_pre_processor(
+        cls, image_size: tuple[int, int] | None = None, keep_original_size: bool = True
+    ) -> PreProcessor:
+        """Square edge-pad, bicubic resize to ``image_size`` (default 1036 x 1036), ImageNet normalisation.
+
+        With ``keep_original_size`` evaluation batches stay at their original size (see
+        :class:`OriginalSizePreProcessor`).
+        """
+        side = (image_size or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))[0]
+        return OriginalSizePreProcessor(square_resize_transform(side), keep_original_size=keep_original_size)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Anomalib's component callbacks, plus DataChecks of every image and mask before a stage starts."""
+        teacher = self.model.teacher
+        checks = DataChecks(self.skip_corrupt_images, input_size=teacher.image_size, patch_size=teacher.patch_size)
+        return [*super().configure_callbacks(), checks]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also record the architecture (checked on load) and the random generators' state (restored on resume)."""
+        super().on_save_checkpoint(checkpoint)
+        record_architecture(checkpoint, self)
+        checkpoint["rng_state"] = capture_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another teacher, layers or size; when resuming a fit, restore the generators."""
+        check_checkpoint_compatible(checkpoint, self)
+        super().on_load_checkpoint(checkpoint)
+        if "rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            restore_rng_state(checkpoint["rng_state"])
 
     def load_teacher_weights(self) -> None:
         """Fetch and load the teacher's pretrained weights unless the teacher already holds them."""
         teacher = self.model.teacher
         if bool(teacher.weights_loaded):
             return
-        teacher.load_backbone_state_dict(fetch_pretrained_state_dict(self.teacher_name))
+        teacher.load_backbone_state_dict(teacher_state_dict(self.teacher_name, self.teacher_weights))
 
     def on_fit_start(self) -> None:
         """Load the teacher's weights before the first batch (after any checkpoint restore)."""
@@ -166,19 +251,135 @@ class TransformerStudent(AnomalibModule):
         return {} if self.max_epochs is None else {"max_epochs": self.max_epochs}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over both students; the teacher is frozen."""
-        students = chain(self.model.forward_student.parameters(), self.model.backward_student.parameters())
-        return torch.optim.Adam(students, lr=self.lr)
+        """Adam over both students; the teacher is frozen.
 
-    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Cosine loss of both students on a batch of nominal images."""
+        On CPU and CUDA the fused implementation updates all parameters in one kernel, several
+        times faster than the default; with cached teacher features the update is a visible
+        part of a training step.
+        """
+        students = chain(self.model.forward_student.parameters(), self.model.backward_student.parameters())
+        return torch.optim.Adam(students, lr=self.lr, fused=self.device.type in {"cpu", "cuda"})
+
+    def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
+        """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on)."""
         del args, kwargs
-        loss = self.model(batch.image)
+        if self._feature_cache is None:
+            shallow, deep = self.model.teacher_features(batch.image)
+        else:
+            paths = batch.image_path or [None] * len(batch.image)
+            keys = [None if path is None else image_key(path) for path in paths]
+            shallow, deep = self._feature_cache.tokens(keys, batch.image, self.model.teacher_features)
+        if batch_idx == 0:  # one check per epoch: NaN from a broken teacher must not train for 50 epochs
+            check_finite_features(
+                shallow,
+                deep,
+                images=batch.image,
+                teacher=self.model.teacher,
+                teacher_precision=self.model.teacher_precision,
+                weights_source=self.teacher_weights or (self.teacher_name if self.pretrained else None),
+            )
+        loss = self.model.student_loss(shallow, deep)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
         return {"loss": loss}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Anomaly maps and scores for validation images."""
         del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
+        return batch.update(**self._predict(batch)._asdict())
+
+    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Anomaly maps (at the original size with ``full_resolution_maps``) and scores for test images."""
+        del args, kwargs
+        return batch.update(**self._predict(batch)._asdict())
+
+    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Anomaly maps (at the original size with ``full_resolution_maps``) and scores."""
+        del args, kwargs
+        return batch.update(**self._predict(batch)._asdict())
+
+    def _predict(self, batch: Batch) -> InferenceBatch:
+        """Predictions for an evaluation batch, which stays at its original size with our pre-processor."""
+        pre_processor = self.pre_processor
+        if isinstance(pre_processor, OriginalSizePreProcessor) and pre_processor.keep_original_size:
+            images = pre_processor.transform(batch.image) if pre_processor.transform else batch.image
+            return self.model(images, original_size=tuple(batch.image.shape[-2:]))
+        return self.model(batch.image)
+
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
+        """Pre-process, predict and post-process raw images, as exported models do.
+
+        With ``full_resolution_maps`` the map comes back at the input's size.
+        """
+        del args, kwargs
+        images = self.pre_processor(batch) if self.pre_processor else batch
+        original_size = tuple(batch.shape[-2:]) if self.full_resolution_maps else None
+        predictions = self.model(images, original_size=original_size)
+        return self.post_processor(predictions) if self.post_processor else predictions
+
+    def on_train_start(self) -> None:
+        """Open the teacher-feature cache once the teacher holds its weights (see ``feature_cache``)."""
+        self._feature_cache = self._open_feature_cache()
+
+    def on_train_end(self) -> None:
+        """Report and release the teacher-feature cache; its disk part stays for later runs."""
+        if self._feature_cache is not None:
+            logger.info("Teacher-feature cache (rank %d): %s.", self.global_rank, self._feature_cache.summary())
+            self._feature_cache.close()
+            self._feature_cache = None
+
+    def _open_feature_cache(self) -> TeacherFeatureCache | None:
+        if self.feature_cache is False:
+            return None
+        augmentations = self._train_augmentations()
+        if augmentations is not None:
+            if self.feature_cache is None:
+                logger.info(
+                    "Teacher-feature cache off: training applies augmentation (%s), so the teacher's features "
+                    "change from epoch to epoch. Set feature_cache=True to cache the first version anyway.",
+                    augmentations,
+                )
+                return None
+            logger.warning(
+                "feature_cache=True with train-time augmentation (%s): each image's teacher features are "
+                "computed once, from its first augmented version, and reused in later epochs.",
+                augmentations,
+            )
+        directory = ensure_writable(self.cache_dir or default_cache_dir())
+        cache = TeacherFeatureCache(
+            directory,
+            self._feature_fingerprint(augmentations),
+            dtype=CACHE_DTYPES[self.cache_dtype],
+            memory_budget_mb=self.cache_memory_budget_mb,
+            name=f"rank{self.global_rank}",
+        )
+        logger.info("Teacher-feature cache on (%s, %s); disk part in %s.", self.cache_dtype, cache.summary(), directory)
+        return cache
+
+    def _feature_fingerprint(self, augmentations: object = None) -> str:
+        """Fingerprint of everything that shapes the teacher's features of a training image."""
+        teacher = self.model.teacher
+        transform = getattr(self.pre_processor, "transform", self.pre_processor)
+        try:
+            pre_processing = transform_to_spec(transform)
+        except ValueError:
+            pre_processing = repr(transform)
+        return feature_fingerprint(
+            {
+                "teacher": self.teacher_name,
+                "weights": weights_digest(teacher),
+                "layers": list(teacher.layers),
+                "image_size": teacher.image_size,
+                "pre_processing": pre_processing,
+                "teacher_precision": self.model.teacher_precision,
+                "cache_dtype": self.cache_dtype,
+                "augmentations": None if augmentations is None else repr(augmentations),
+            }
+        )
+
+    def _train_augmentations(self) -> object:
+        """The train-time augmentation of the datamodule (or of the training dataset), if any."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "train_augmentations"):
+            return datamodule.train_augmentations
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        return getattr(dataset, "augmentations", None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -23,16 +22,6 @@ TEACHER_PRECISIONS: dict[str, torch.dtype | None] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-
-
-@functools.cache
-def _note_full_precision(precision: str, device_type: str) -> None:
-    logger.warning(
-        "teacher_precision=%s applies on CUDA only; the teacher runs in float32 on %s "
-        "(CPUs without native half precision run it far slower, not faster).",
-        precision,
-        device_type,
-    )
 
 
 def cosine_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -78,6 +67,7 @@ class TransformerStudentModel(nn.Module):
             msg = f"teacher_precision must be one of {sorted(TEACHER_PRECISIONS)}, got '{teacher_precision}'."
             raise ValueError(msg)
         self.teacher_precision = teacher_precision
+        self._precision_noted = False
         self.teacher = teacher
         self.forward_student = StudentMLP(teacher.embed_dim)
         self.backward_student = StudentMLP(teacher.embed_dim)
@@ -85,9 +75,7 @@ class TransformerStudentModel(nn.Module):
 
     def student_loss(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """Training loss from the teacher's tokens (callers may pass cached tokens)."""
-        return cosine_loss(self.forward_student(shallow), deep) + cosine_loss(
-            self.backward_student(deep), shallow
-        )
+        return cosine_loss(self.forward_student(shallow), deep) + cosine_loss(self.backward_student(deep), shallow)
 
     def teacher_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the teacher's shallow and deep tokens as float32, run at ``teacher_precision`` on CUDA."""
@@ -95,7 +83,14 @@ class TransformerStudentModel(nn.Module):
         if dtype is None:
             return self.teacher(images)
         if images.device.type != "cuda":
-            _note_full_precision(self.teacher_precision, images.device.type)
+            if not self._precision_noted:
+                logger.warning(
+                    "teacher_precision=%s applies on CUDA only; the teacher runs in float32 on %s "
+                    "(CPUs without native half precision would run it far slower, not faster).",
+                    self.teacher_precision,
+                    images.device.type,
+                )
+                self._precision_noted = True
             return self.teacher(images)
         with torch.autocast("cuda", dtype=dtype):
             shallow, deep = self.teacher(images)

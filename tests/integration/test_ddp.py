@@ -1,0 +1,91 @@
+"""Two-process training (DDP, gloo on CPU) through the anomalib CLI, with the teacher-feature cache on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+
+from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.feature_cache import image_key
+
+from .cli_helpers import checkpoints, data_args, run_cli
+
+pytestmark = pytest.mark.slow
+
+N_TRAIN = 8
+MODEL = {"teacher": "vit_small_patch14_dinov2", "pretrained": False, "image_size": 112}
+
+
+def fit_with_two_processes(dataset: Path, workdir: Path) -> tuple[Path, str]:
+    """Train two epochs on two CPU processes with the anomalib CLI; cached features all go to disk."""
+    args = [
+        "fit",
+        "--model", "TransformerStudent",
+        *(f"--model.{name}={str(value).lower()}" for name, value in MODEL.items()),
+        "--model.cache_dir", str(workdir / "cache"),
+        "--model.cache_memory_budget_mb", "0",
+        *data_args(dataset),
+        "--data.train_batch_size", "2",
+        "--trainer.max_epochs", "2",
+        "--trainer.accelerator", "cpu",
+        "--trainer.strategy", "ddp",
+        "--trainer.devices", "2",
+        "--seed_everything", "0",
+        "--default_root_dir", str(workdir / "results"),
+    ]  # fmt: skip
+    finished = run_cli(args, cwd=workdir, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    (checkpoint,) = checkpoints(workdir / "results")
+    return checkpoint, finished.stdout + finished.stderr
+
+
+def datamodule(dataset: Path) -> MVTecAD:
+    return MVTecAD(root=dataset, category="brick", train_batch_size=2, eval_batch_size=4, num_workers=0)
+
+
+def engine(workdir: Path, **trainer_arguments) -> Engine:
+    return Engine(
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=workdir,
+        logger=False,
+        enable_progress_bar=False,
+        **trainer_arguments,
+    )
+
+
+def test_two_process_training_caches_per_process_and_tests_like_one_process(tmp_path: Path) -> None:
+    spec = DemoDatasetSpec(categories=("brick",), image_size=96, n_train=N_TRAIN, n_test_good=2, n_test_per_defect=2)
+    dataset = generate_demo_dataset(tmp_path / "data", spec)
+    (tmp_path / "ddp").mkdir()
+
+    ddp_checkpoint, output = fit_with_two_processes(dataset, tmp_path / "ddp")
+    assert "distributed_backend=gloo" in output
+    assert "All distributed processes registered" in output
+
+    # Each process cached the images its shard gave it, in its own file; together they cover the set.
+    (folder,) = (tmp_path / "ddp" / "cache").iterdir()
+    indexes = {rank: json.loads((folder / f"rank{rank}.json").read_text())["entries"] for rank in (0, 1)}
+    assert all(indexes.values())
+    expected = {image_key(path) for path in (dataset / "brick" / "train" / "good").iterdir()}
+    assert set(indexes[0]) | set(indexes[1]) == expected
+
+    (ddp_metrics,) = engine(tmp_path / "ddp").test(
+        TransformerStudent(**MODEL), datamodule=datamodule(dataset), ckpt_path=ddp_checkpoint
+    )
+
+    seed_everything(0)
+    single = TransformerStudent(**MODEL, cache_dir=str(tmp_path / "single"))
+    single_engine = engine(tmp_path / "single", max_epochs=2)
+    single_engine.fit(single, datamodule=datamodule(dataset))
+    (single_metrics,) = single_engine.test(single, datamodule=datamodule(dataset))
+
+    assert ddp_metrics.keys() == single_metrics.keys()
+    # Pixel AUROC over some 70 000 pixels is steady; image AUROC over 8 test images moves in steps of 1/12.
+    assert abs(ddp_metrics["pixel_AUROC"] - single_metrics["pixel_AUROC"]) < 0.02, (ddp_metrics, single_metrics)

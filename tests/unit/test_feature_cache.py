@@ -1,0 +1,222 @@
+"""The teacher-feature cache: hits and misses, memory budget and spill file, keys, damaged files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data.transforms import SquarePad
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
+from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.feature_cache import (
+    CacheDirectoryError,
+    TeacherFeatureCache,
+    ensure_writable,
+    feature_fingerprint,
+    image_key,
+)
+from anomalib_transformer_student.original_resolution import OriginalSizePreProcessor
+
+TOKENS, WIDTH = 16, 8
+ENTRY_MB = 2 * TOKENS * WIDTH * 2 / 2**20  # one float16 entry
+FINGERPRINT = feature_fingerprint({"teacher": "fake"})
+
+
+class CountingTeacher:
+    """Deterministic stand-in for the teacher that records how many images it saw."""
+
+    def __init__(self) -> None:
+        self.images_seen = 0
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.images_seen += len(images)
+        tokens = images.flatten(1)[:, : TOKENS * WIDTH].reshape(len(images), TOKENS, WIDTH)
+        return tokens, -2 * tokens
+
+
+def batch(seeds: list[int]) -> torch.Tensor:
+    return torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 0.0), (torch.float16, 1e-3)])
+def test_only_missing_entries_are_computed(tmp_path: Path, dtype: torch.dtype, tolerance: float) -> None:
+    teacher = CountingTeacher()
+    cache = TeacherFeatureCache(tmp_path, FINGERPRINT, dtype=dtype)
+    expected_shallow, expected_deep = teacher(batch([0, 1, 2, 3]))
+    teacher.images_seen = 0
+
+    cache.tokens(["a", "b"], batch([0, 1]), teacher)
+    assert teacher.images_seen == 2
+    # A shuffled batch with two known and two new images: only the new ones reach the teacher.
+    shallow, deep = cache.tokens(["c", "b", "d", "a"], batch([2, 1, 3, 0]), teacher)
+    assert teacher.images_seen == 4
+    assert (cache.hits, cache.misses, len(cache)) == (2, 4, 4)
+    order = [2, 1, 3, 0]
+    torch.testing.assert_close(shallow, expected_shallow[order], atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(deep, expected_deep[order], atol=2 * tolerance, rtol=tolerance)
+    assert shallow.dtype == torch.float32
+
+    shallow, _ = cache.tokens(["d", "c"], batch([3, 2]), teacher)
+    assert teacher.images_seen == 4
+    torch.testing.assert_close(shallow, expected_shallow[[3, 2]], atol=tolerance, rtol=tolerance)
+
+
+def test_images_without_key_are_never_cached(tmp_path: Path) -> None:
+    teacher = CountingTeacher()
+    cache = TeacherFeatureCache(tmp_path, FINGERPRINT)
+    for _ in range(2):
+        cache.tokens([None, "a"], batch([0, 1]), teacher)
+    assert teacher.images_seen == 3
+    assert len(cache) == 1
+
+
+def test_entries_beyond_the_memory_budget_spill_to_disk(tmp_path: Path) -> None:
+    teacher = CountingTeacher()
+    cache = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=2.5 * ENTRY_MB)
+    expected, _ = teacher(batch(list(range(5))))
+    cache.tokens(list("abcde"), batch(list(range(5))), teacher)
+    assert (len(cache), cache.disk_entries) == (5, 3)
+    assert cache.spill.data_path.stat().st_size >= 3 * 2 * TOKENS * WIDTH * 2
+    shallow, _ = cache.tokens(list("edcba"), batch([4, 3, 2, 1, 0]), teacher)
+    assert teacher.images_seen == 10
+    torch.testing.assert_close(shallow, expected.flip(0), atol=1e-3, rtol=1e-3)
+
+
+def test_disk_entries_are_reused_only_under_the_same_fingerprint(tmp_path: Path) -> None:
+    teacher = CountingTeacher()
+    first = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    first.tokens(["a", "b"], batch([0, 1]), teacher)
+    first.close()
+
+    again = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    again.tokens(["a", "b"], batch([0, 1]), teacher)
+    assert teacher.images_seen == 2
+
+    other = TeacherFeatureCache(tmp_path, feature_fingerprint({"teacher": "other"}), memory_budget_mb=0)
+    other.tokens(["a", "b"], batch([0, 1]), teacher)
+    assert teacher.images_seen == 4
+
+
+def _truncate_data(cache: TeacherFeatureCache) -> None:
+    path = cache.spill.data_path
+    os.truncate(path, path.stat().st_size // 3)
+
+
+def _flip_bytes(cache: TeacherFeatureCache) -> None:
+    with cache.spill.data_path.open("r+b") as data:
+        data.seek(5)
+        data.write(b"\xff\xfe\xfd\xfc")
+
+
+def _cut_index(cache: TeacherFeatureCache) -> None:
+    text = cache.spill.index_path.read_text()
+    cache.spill.index_path.write_text(text[: len(text) // 2])
+
+
+def _drop_index(cache: TeacherFeatureCache) -> None:
+    cache.spill.index_path.unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate_data, _flip_bytes, _cut_index, _drop_index])
+def test_a_half_written_cache_is_rebuilt_never_read(tmp_path: Path, damage) -> None:
+    teacher = CountingTeacher()
+    cache = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    cache.tokens(["a", "b", "c"], batch([0, 1, 2]), teacher)
+    cache.close()
+    damage(cache)
+    # Garbage that would be served if the damage went unnoticed.
+    expected, _ = teacher(batch([0, 1, 2]))
+    teacher.images_seen = 0
+
+    rebuilt = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    shallow, _ = rebuilt.tokens(["a", "b", "c"], batch([0, 1, 2]), teacher)
+    assert teacher.images_seen >= 1
+    torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
+    rebuilt.close()
+
+    # The rebuilt files are whole again: a third run reads everything from them.
+    teacher.images_seen = 0
+    final = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    shallow, _ = final.tokens(["a", "b", "c"], batch([0, 1, 2]), teacher)
+    assert teacher.images_seen == 0
+    torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
+    assert json.loads(final.spill.index_path.read_text())["fingerprint"] == FINGERPRINT
+
+
+def test_unwritable_folder_is_named_in_the_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CacheDirectoryError, match=r"a_file/cache.*not writable.*cache_dir.*feature_cache=False"):
+        ensure_writable(blocker / "cache")
+    assert ensure_writable(tmp_path / "new" / "cache").is_dir()
+
+
+def test_image_key_follows_path_size_and_modification_time(tmp_path: Path) -> None:
+    image = tmp_path / "000.png"
+    image.write_bytes(b"12345")
+    key = image_key(image)
+    assert key == image_key(str(image))
+
+    copy = tmp_path / "001.png"
+    copy.write_bytes(b"12345")
+    os.utime(copy, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns))
+    assert image_key(copy) != key
+
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    touched = image_key(image)
+    assert touched != key
+
+    mtime = image.stat().st_mtime_ns
+    image.write_bytes(b"123456")
+    os.utime(image, ns=(mtime, mtime))
+    assert image_key(image) not in {key, touched}
+    assert image_key(tmp_path / "missing.png") is None
+
+
+def _model(**overrides) -> TransformerStudent:
+    arguments = {"teacher": "vit_small_patch14_dinov2", "pretrained": False, "image_size": 56, **overrides}
+    return TransformerStudent(**arguments)
+
+
+def _copy_weights(source: TransformerStudent, target: TransformerStudent) -> None:
+    """Give ``target`` the teacher weights of ``source`` wherever the shapes agree."""
+    target_state = target.model.teacher.state_dict()
+    for name, value in source.model.teacher.state_dict().items():
+        if name in target_state and target_state[name].shape == value.shape:
+            target_state[name].copy_(value)
+
+
+def test_every_part_of_the_fingerprint_matters() -> None:
+    torch.manual_seed(0)
+    base = _model()
+    fingerprint = base._feature_fingerprint()
+    assert _model()._feature_fingerprint() != fingerprint  # other random weights
+
+    twin = _model()
+    _copy_weights(base, twin)
+    assert twin._feature_fingerprint() == fingerprint
+
+    bilinear = Compose(
+        [
+            Compose([SquarePad(), Resize((56, 56), interpolation=InterpolationMode.BILINEAR)]),
+            Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
+    variants = {
+        "teacher name (weight tag)": _model(teacher="vit_small_patch14_dinov2.lvd142m"),
+        "layers": _model(layers=(5, 11)),
+        "image size": _model(image_size=70),
+        "pre-processing": _model(pre_processor=OriginalSizePreProcessor(bilinear)),
+        "teacher precision": _model(teacher_precision="float16"),
+        "cache dtype": _model(cache_dtype="float32"),
+    }
+    for name, variant in variants.items():
+        # The same weights wherever the architecture allows, so that only the named part differs.
+        _copy_weights(base, variant)
+        assert variant._feature_fingerprint() != fingerprint, name
+    assert base._feature_fingerprint("RandomHorizontalFlip(p=0.5)") != fingerprint

@@ -1,0 +1,153 @@
+"""Anomaly maps at each image's original size: geometry, parity with the reference, pipeline, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.data.transforms import SquarePad
+from anomalib.engine import Engine
+from anomalib.models.image.l2bt.anomaly_map import L2BTAnomalyMapGenerator
+from PIL import Image
+from torch.nn import functional
+
+from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.anomaly_map import AnomalyMapGenerator, square_padding
+from anomalib_transformer_student.original_resolution import OriginalSizePreProcessor, square_resize_transform
+
+
+def reference_map(patch_map: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """The reference evaluation: upsample to the padded square, eight conv2d box filters, crop the padding."""
+    side, top, left = square_padding(original_size)
+    anomaly_map = functional.interpolate(patch_map[:, None], size=(side, side), mode="bilinear", align_corners=False)
+    for kernel_size, repeats in ((5, 5), (7, 3)):
+        weight = torch.ones(1, 1, kernel_size, kernel_size) / kernel_size**2
+        for _ in range(repeats):
+            anomaly_map = functional.conv2d(anomaly_map, weight, padding=kernel_size // 2)
+    return anomaly_map[..., top : top + original_size[0], left : left + original_size[1]]
+
+
+@pytest.mark.parametrize("original_size", [(150, 100), (100, 151), (97, 97), (60, 203)])
+def test_full_resolution_map_matches_the_reference_evaluation(original_size: tuple[int, int]) -> None:
+    patch_map = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(0)) * 4
+    side = square_padding(original_size)[0]
+    ours = AnomalyMapGenerator().smooth(patch_map, (side, side), original_size)
+    assert ours.shape == (2, 1, *original_size)
+    torch.testing.assert_close(ours, reference_map(patch_map, original_size), atol=1e-5, rtol=0)
+
+
+def test_padding_sits_where_square_pad_puts_it() -> None:
+    image = torch.zeros(1, 1, 5, 8)
+    image[..., 2, 3] = 1.0
+    padded = SquarePad()(image)
+    side, top, left = square_padding((5, 8))
+    assert padded.shape[-1] == side == 8
+    assert padded[0, 0, top + 2, left + 3] == 1.0
+
+
+def test_square_maps_keep_parity_with_anomalib_l2bt() -> None:
+    generator = torch.Generator().manual_seed(3)
+    tokens = [torch.randn(2, 16 * 16, 32, generator=generator) for _ in range(4)]
+    ours, our_score = AnomalyMapGenerator()(*tokens, grid_size=(16, 16), output_size=(224, 224))
+    theirs, their_score = L2BTAnomalyMapGenerator(patch_size=14)(*tokens, output_size=(224, 224))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(our_score, their_score, atol=1e-5, rtol=0)
+
+
+def test_pre_processor_keeps_evaluation_batches_at_original_size() -> None:
+    transform = square_resize_transform(56)
+
+    class FakeBatch:
+        image = torch.rand(1, 3, 90, 60)
+        gt_mask = torch.zeros(1, 90, 60, dtype=torch.bool)
+
+    kept = FakeBatch()
+    OriginalSizePreProcessor(transform).on_test_batch_start(None, None, kept, 0)
+    assert kept.image.shape[-2:] == kept.gt_mask.shape[-2:] == (90, 60)
+
+    resized = FakeBatch()
+    OriginalSizePreProcessor(transform, keep_original_size=False).on_test_batch_start(None, None, resized, 0)
+    assert resized.image.shape[-2:] == (56, 56)
+
+    trained = FakeBatch()
+    OriginalSizePreProcessor(transform).on_train_batch_start(None, None, trained, 0)
+    assert trained.image.shape[-2:] == (56, 56)
+
+
+def test_exported_model_returns_the_map_at_the_input_size() -> None:
+    model = TransformerStudent(teacher="vit_small_patch14_dinov2", pretrained=False, image_size=56).eval()
+    image = torch.rand(1, 3, 150, 100)
+    exported = torch.export.export(model, (image,)).module()
+    with torch.no_grad():
+        expected = model(image)
+        actual = exported(image)
+    assert actual.anomaly_map.shape == (1, 1, 150, 100)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
+
+
+HEIGHT, WIDTH = 1000, 1500
+DEFECT_CENTRE, DEFECT_HALF_SIDE = (280, 1150), 60
+
+
+def _nominal(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[0:HEIGHT, 0:WIDTH] / 60.0
+    shade = 0.5 + 0.15 * np.sin(columns + rng.uniform(0, 6)) * np.cos(0.7 * rows + rng.uniform(0, 6))
+    image = np.stack([shade, 0.9 * shade, 0.8 * shade], axis=-1) + rng.normal(0, 0.03, (HEIGHT, WIDTH, 3))
+    return (image.clip(0, 1) * 255).astype(np.uint8)
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def wide_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MVTec-AD layout, 1500 x 1000 images: four nominal for training, one nominal and one defective to test."""
+    root = tmp_path_factory.mktemp("wide")
+    for index in range(4):
+        _save(_nominal(index), root / "wide" / "train" / "good" / f"{index:03d}.png")
+    _save(_nominal(10), root / "wide" / "test" / "good" / "000.png")
+    image, mask = _nominal(11), np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    (row, column), half = DEFECT_CENTRE, DEFECT_HALF_SIDE
+    mask[row - half : row + half, column - half : column + half] = 255
+    image[mask > 0] = (255, 0, 255)
+    _save(image, root / "wide" / "test" / "stain" / "000.png")
+    _save(mask, root / "wide" / "ground_truth" / "stain" / "000_mask.png")
+    return root
+
+
+def test_defect_in_a_non_square_image_peaks_where_it_was_drawn(wide_dataset: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TransformerStudent(
+        teacher="vit_small_patch14_dinov2", pretrained=False, image_size=224, lr=1e-3, cache_dir=str(tmp_path)
+    )
+    datamodule = MVTecAD(root=wide_dataset, category="wide", train_batch_size=2, eval_batch_size=2, num_workers=0)
+    engine = Engine(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        check_val_every_n_epoch=3,
+        num_sanity_val_steps=0,
+    )
+    engine.fit(model, datamodule=datamodule)
+
+    batch = next(iter(engine.predict(model, datamodule=datamodule)))
+    assert batch.image.shape[-2:] == batch.gt_mask.shape[-2:] == (HEIGHT, WIDTH)
+    defective = next(index for index, path in enumerate(batch.image_path) if "stain" in path)
+    anomaly_map = batch.anomaly_map[defective].squeeze()
+    assert anomaly_map.shape == (HEIGHT, WIDTH)
+    row, column = divmod(int(anomaly_map.argmax()), WIDTH)
+    # A wrong crop would shift the peak by the 250 px of vertical padding.
+    assert abs(row - DEFECT_CENTRE[0]) < 100
+    assert abs(column - DEFECT_CENTRE[1]) < 100
+
+    (metrics,) = engine.test(model, datamodule=datamodule)
+    assert metrics["pixel_AUROC"] > 0.9
