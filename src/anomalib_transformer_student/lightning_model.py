@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from .checkpoint_compat import check_checkpoint_compatible, record_architecture
 from .data_checks import DataChecks
+from .export import TransformerStudentExportMixin
 from .feature_cache import (
     CACHE_DTYPES,
     TeacherFeatureCache,
@@ -56,7 +57,7 @@ DEFAULT_IMAGE_SIZE = 1036
 __all__ = ["TransformerStudent"]
 
 
-class TransformerStudent(AnomalibModule):
+class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
     """Learning to Be a Transformer to Pinpoint Anomalies (Costanzino et al., IEEE Access 2025).
 
     A frozen DINOv2 ViT (the teacher) yields patch tokens at two depths; two shallow MLPs (the

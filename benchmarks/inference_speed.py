@@ -1,0 +1,381 @@
+"""Inference latency, throughput and peak memory of TransformerStudent in PyTorch and OpenVINO, at batch 1.
+
+Variants, each at every ``--sizes`` resolution (square images of that side, the model's own size):
+
+- ``torch``: PyTorch FP32, ours (``TransformerStudent.forward``: pre-processing, model, post-processing);
+- ``l2bt``: PyTorch FP32, anomalib's ``L2BT`` with its pre-processor at the same size;
+- ``ov-fp32``, ``ov-fp16``, ``ov-int8``, ``ov-int8-ptq``: OpenVINO exports of ours made by
+  ``to_openvino`` (INT8: weight compression; INT8 PTQ: quantisation calibrated on generated images);
+- with CUDA present, also ``cuda-fp32``, ``cuda-fp16``, ``l2bt-cuda-fp32``, ``l2bt-cuda-fp16`` (FP16: autocast).
+
+Each variant runs in a fresh process: ``--warmup`` untimed runs, then ``--runs`` timed ones; latency is
+their median, throughput its inverse, peak memory the process's peak resident set (CUDA: peak allocated
+GPU memory). The exports' time and size are recorded too. Teachers have random weights: speed does not
+depend on them. A last table splits the time of ours into pre-processing, teacher, students, anomaly map
+and post-processing (PyTorch: module hooks; OpenVINO: per-node profiling, nodes mapped to modules through
+the scopes the ONNX exporter records).
+
+Usage::
+
+    python benchmarks/inference_speed.py [--sizes 448 1036] [--teacher vit_base_patch14_reg4_dinov2.lvd142m]
+        [--runs 5] [--warmup 1] [--variants torch l2bt ov-fp32 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+CPU_VARIANTS = ("torch", "l2bt", "ov-fp32", "ov-fp16", "ov-int8", "ov-int8-ptq")
+CUDA_VARIANTS = ("cuda-fp32", "cuda-fp16", "l2bt-cuda-fp32", "l2bt-cuda-fp16")
+LABELS = {
+    "torch": "PyTorch FP32 (ours)",
+    "l2bt": "PyTorch FP32 (anomalib L2BT)",
+    "ov-fp32": "OpenVINO FP32",
+    "ov-fp16": "OpenVINO FP16",
+    "ov-int8": "OpenVINO INT8 (weights)",
+    "ov-int8-ptq": "OpenVINO INT8 PTQ",
+    "cuda-fp32": "PyTorch CUDA FP32 (ours)",
+    "cuda-fp16": "PyTorch CUDA FP16 (ours)",
+    "l2bt-cuda-fp32": "PyTorch CUDA FP32 (L2BT)",
+    "l2bt-cuda-fp16": "PyTorch CUDA FP16 (L2BT)",
+}
+COMPRESSION = {"ov-fp32": None, "ov-fp16": "fp16", "ov-int8": "int8", "ov-int8-ptq": "int8_ptq"}
+# Module scopes of TransformerStudent, as the ONNX exporter records them, and their share-table names.
+PARTS = {
+    "pre_processor": "pre-processing",
+    "model.teacher": "teacher",
+    "model.forward_student": "students",
+    "model.backward_student": "students",
+    "model.anomaly_map_generator": "anomaly map",
+    "post_processor": "post-processing",
+}
+CALIBRATION_IMAGES = 8
+# Normalisation statistics and thresholds as validation would set them, so that the models export and run
+# as trained ones do (calibrated INT8 needs them); the values do not affect speed.
+NORMALISATION = {
+    "_image_threshold": 1.0,
+    "_pixel_threshold": 1.0,
+    "image_min": 0.0,
+    "image_max": 2.0,
+    "pixel_min": 0.0,
+    "pixel_max": 2.0,
+}
+
+
+def build_ours(teacher: str, size: int) -> torch.nn.Module:
+    """TransformerStudent with a random teacher at ``size``, normalisation statistics set, in eval mode."""
+    from anomalib_transformer_student import TransformerStudent
+
+    model = TransformerStudent(pretrained=False, teacher=teacher, image_size=size, visualizer=False)
+    state = model.post_processor.state_dict()
+    model.post_processor.load_state_dict({**state, **{key: torch.tensor(v) for key, v in NORMALISATION.items()}})
+    return model.eval()
+
+
+def build_l2bt(size: int) -> torch.nn.Module:
+    """Build anomalib's L2BT with a random teacher and its pre-processor at ``size``, in eval mode.
+
+    L2BT always asks timm for pretrained weights; the same architecture with random ones needs no download.
+    """
+    from anomalib.models.image import L2BT
+    from anomalib.models.image.l2bt import teacher as l2bt_teacher
+
+    extractor = l2bt_teacher.TimmFeatureExtractor
+
+    def random_weights_extractor(*args: object, **kwargs: object) -> torch.nn.Module:
+        return extractor(*args, **{**kwargs, "pre_trained": False})
+
+    l2bt_teacher.TimmFeatureExtractor = random_weights_extractor
+    try:
+        model = L2BT(pre_processor=L2BT.configure_pre_processor((size, size)), visualizer=False)
+    finally:
+        l2bt_teacher.TimmFeatureExtractor = extractor
+    return model.eval()
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process in MiB.
+
+    Linux's ``VmHWM`` is this program's own; ``ru_maxrss`` would carry the parent's peak over ``exec``.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
+
+
+def time_runs(run: object, warmup: int, runs: int, synchronize: object = None) -> list[float]:
+    """Seconds of each of ``runs`` calls of ``run`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        if synchronize:
+            synchronize()
+        start = time.perf_counter()
+        run()
+        if synchronize:
+            synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def hook_parts(model: torch.nn.Module, seconds: dict[str, float]) -> None:
+    """Add the time spent in each part of ``model`` (see ``PARTS``) to ``seconds`` on every forward."""
+    for name, part in PARTS.items():
+        started: list[float] = []
+
+        def start(*_: object, started: list[float] = started) -> None:
+            started.append(time.perf_counter())
+
+        def stop(*_: object, started: list[float] = started, part: str = part) -> None:
+            seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - started.pop()
+
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(start)
+        module.register_forward_hook(stop)
+
+
+def measure_torch(variant: str, teacher: str, size: int, warmup: int, runs: int, threads: int | None) -> dict:
+    """Latencies, peak memory and (ours on CPU) per-part shares of time of a PyTorch variant."""
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = "cuda" in variant
+    device = torch.device("cuda" if cuda else "cpu")
+    model = (build_l2bt(size) if variant.startswith("l2bt") else build_ours(teacher, size)).to(device)
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    parts: dict[str, float] = {}
+    if variant == "torch":
+        hook_parts(model, parts)
+
+    def run() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=variant.endswith("fp16")):
+            model(images)
+
+    synchronize = torch.cuda.synchronize if cuda else None
+    time_runs(run, warmup, 0, synchronize)
+    parts.clear()  # shares of the timed runs only
+    times = time_runs(run, 0, runs, synchronize)
+    memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
+    return {"times": times, "memory": memory, "parts": {part: s / sum(times) for part, s in parts.items()}}
+
+
+def measure_openvino(model_path: str, warmup: int, runs: int, threads: int | None, scopes: dict[str, str]) -> dict:
+    """Latencies and peak memory of an OpenVINO IR on CPU, then the per-part shares of one profiled run."""
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(model_path)
+    size = model.input(0).get_partial_shape()[2].get_length()
+    images = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    # FP32 means FP32: CPUs with bf16 units would otherwise run an FP32 IR in bf16.
+    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    request = core.compile_model(model, "CPU", config).create_infer_request()
+    times = time_runs(lambda: request.infer({0: images}), warmup, runs)
+    memory = peak_rss_mib()
+
+    profiled = core.compile_model(model, "CPU", {**config, "PERF_COUNT": True}).create_infer_request()
+    profiled.infer({0: images})
+    seconds: dict[str, float] = defaultdict(float)
+    for node in profiled.profiling_info:
+        seconds[part_of(node.node_name, node.node_type, scopes)] += node.real_time.total_seconds()
+    total = sum(seconds.values())
+    return {"times": times, "memory": memory, "parts": {part: s / total for part, s in seconds.items()}}
+
+
+def part_of(node_name: str, node_type: str, scopes: dict[str, str]) -> str:
+    """The part of the model an executed OpenVINO node belongs to.
+
+    Nodes keep their ONNX names, or the name of the ONNX node they came from before a ``/``. Nodes that
+    OpenVINO creates while fusing get new names; of those, layer norms (``MVN``) and quantised matrix
+    products exist only in the teacher (the only part with layer norms, and the only part quantised).
+    """
+    for name in (node_name, node_name.split("/")[0]):
+        if name in scopes:
+            return scopes[name]
+    return "teacher" if node_type == "MVN" or "Quantized" in node_type else "other"
+
+
+def onnx_parts(onnx_path: Path) -> dict[str, str]:
+    """Map each node of an exported graph to its part of the model (see ``PARTS``)."""
+    import onnx
+
+    parts = {}
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        metadata = {entry.key: entry.value for entry in node.metadata_props}
+        scopes = metadata.get("pkg.torch.onnx.name_scopes", "")
+        parts[node.name] = next((part for scope, part in PARTS.items() if f"'{scope}'" in scopes), "other")
+    return parts
+
+
+def calibration_data(root: Path, size: int) -> object:
+    """A datamodule of generated images at ``size`` for INT8 post-training quantisation."""
+    from anomalib.data import MVTecAD
+
+    from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
+
+    # anomalib's MVTecAD validates on half of the test images, which calibrate the quantisation.
+    spec = DemoDatasetSpec(
+        categories=("brick",), image_size=size, n_train=1, n_test_good=CALIBRATION_IMAGES, n_test_per_defect=1
+    )
+    generate_demo_dataset(root, spec)
+    return MVTecAD(root=root, category="brick", num_workers=0, eval_batch_size=1)
+
+
+def export_all(teacher: str, size: int, variants: list[str], root: Path) -> tuple[dict, dict[str, str]]:
+    """Export ours at ``size`` (ONNX once, for the node map; OpenVINO per variant); return paths, times, sizes."""
+    import nncf
+
+    model = build_ours(teacher, size)
+    nncf.set_log_level(logging.WARNING)
+    exports = {}
+    start = time.perf_counter()
+    onnx_path = model.to_onnx(root / "onnx", input_size=(size, size))
+    exports["onnx"] = {"seconds": time.perf_counter() - start, "mib": directory_mib(onnx_path.parent)}
+    for variant in variants:
+        if variant not in COMPRESSION:
+            continue
+        datamodule = calibration_data(root / "calibration", size) if variant == "ov-int8-ptq" else None
+        start = time.perf_counter()
+        path = model.to_openvino(
+            root / variant, input_size=(size, size), compression_type=COMPRESSION[variant], datamodule=datamodule
+        )
+        exports[variant] = {"path": str(path), "seconds": time.perf_counter() - start}
+        exports[variant]["mib"] = directory_mib(path.parent)
+    return exports, onnx_parts(onnx_path)
+
+
+def directory_mib(directory: Path) -> float:
+    """Size of the files in ``directory`` in MiB."""
+    return sum(file.stat().st_size for file in directory.iterdir() if file.is_file()) / 2**20
+
+
+def in_fresh_process(function: object, *args: object) -> dict:
+    """Run ``function(*args)`` in a new process, so that its peak memory is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def parameter_counts(teacher: str, size: int) -> tuple[int, int, int]:
+    """Parameters of the full timm backbone, of the pruned teacher in the model, and of both students."""
+    import timm
+
+    model = build_ours(teacher, size).model
+    full = sum(p.numel() for p in timm.create_model(teacher, pretrained=False).parameters())
+    pruned = sum(p.numel() for p in model.teacher.parameters())
+    students = sum(p.numel() for m in (model.forward_student, model.backward_student) for p in m.parameters())
+    return full, pruned, students
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[448, 1036])
+    parser.add_argument("--teacher", default="vit_base_patch14_reg4_dinov2.lvd142m")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the libraries' own, all cores)")
+    parser.add_argument("--variants", nargs="+", choices=CPU_VARIANTS + CUDA_VARIANTS, help="default: all available")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    variants = args.variants or [*CPU_VARIANTS, *(CUDA_VARIANTS if cuda else ())]
+
+    print(
+        f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}"
+        + (f"; CUDA: {torch.cuda.get_device_name()}" if cuda else "; no CUDA")
+    )
+    print(f"teacher {args.teacher} (random weights), batch 1, median of {args.runs} runs after {args.warmup} warm-up")
+    print("load average at start (other processes share the CPU): {:.1f} {:.1f} {:.1f}\n".format(*os.getloadavg()))
+    results: dict[tuple[int, str], dict] = {}
+    exports: dict[int, dict] = {}
+    for size in args.sizes:
+        full, pruned, students = parameter_counts(args.teacher, size)
+        print(
+            f"{size} px: teacher {pruned / 1e6:.1f} M parameters in the model (full backbone with head "
+            f"{full / 1e6:.1f} M), students {students / 1e6:.1f} M"
+        )
+        with tempfile.TemporaryDirectory() as directory:
+            exports[size], scopes = export_all(args.teacher, size, variants, Path(directory))
+            for variant in variants:
+                if variant in COMPRESSION:
+                    result = in_fresh_process(
+                        measure_openvino, exports[size][variant]["path"], args.warmup, args.runs, args.threads, scopes
+                    )
+                else:
+                    result = in_fresh_process(
+                        measure_torch, variant, args.teacher, size, args.warmup, args.runs, args.threads
+                    )
+                results[size, variant] = result
+                median = statistics.median(result["times"])
+                print(f"  {LABELS[variant]}: {median * 1e3:.0f} ms, {result['memory']:.0f} MiB", flush=True)
+    print_tables(args.sizes, variants, results, exports)
+
+
+def print_tables(sizes: list[int], variants: list[str], results: dict, exports: dict) -> None:
+    """Markdown tables: speed and memory, exports, shares of time, and the goals' ratios."""
+    print("\n| size | variant | latency (ms) | images/s | peak memory (MiB) |")
+    print("|---:|---|---:|---:|---:|")
+    for size in sizes:
+        for variant in variants:
+            median = statistics.median(results[size, variant]["times"])
+            memory = results[size, variant]["memory"]
+            print(f"| {size} | {LABELS[variant]} | {median * 1e3:.0f} | {1 / median:.2f} | {memory:.0f} |")
+
+    print("\n| size | export | export time (s) | size on disk (MiB) |")
+    print("|---:|---|---:|---:|")
+    for size in sizes:
+        for name, export in exports[size].items():
+            label = "ONNX" if name == "onnx" else LABELS[name]
+            print(f"| {size} | {label} | {export['seconds']:.0f} | {export['mib']:.0f} |")
+
+    names = ["pre-processing", "teacher", "students", "anomaly map", "post-processing", "other"]
+    print("\n| size | variant | " + " | ".join(names) + " |")
+    print("|---:|---|" + "---:|" * len(names))
+    for size in sizes:
+        for variant in variants:
+            parts = results[size, variant]["parts"]
+            if parts:
+                other = max(0.0, 1 - sum(parts.values())) if variant == "torch" else parts.get("other", 0.0)
+                shares = [*(parts.get(name, 0.0) for name in names[:-1]), other]
+                print(f"| {size} | {LABELS[variant]} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |")
+
+    print()
+    for size in sizes:
+        latency = {v: statistics.median(results[size, v]["times"]) for v in variants}
+        ours = latency.get("torch")
+        openvino = {v: t for v, t in latency.items() if v in COMPRESSION}
+        if ours and openvino:
+            best = min(openvino, key=openvino.get)
+            print(f"{size} px: best OpenVINO ({LABELS[best]}) / PyTorch FP32 = {openvino[best] / ours:.2f}")
+        if ours and "l2bt" in latency:
+            print(f"{size} px: ours / L2BT in PyTorch FP32 = {ours / latency['l2bt']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Export of TransformerStudent through anomalib's ``ExportMixin``: input checks and INT8 policy.
+
+anomalib exports every model the same way (``to_torch``, ``to_onnx``, ``to_openvino``; the
+graph holds pre-processing, model and post-processing). This model adds:
+
+- Checks before any export work: ``input_size`` is given and on the teacher's patch grid; a
+  calibrated compression (``INT8_PTQ``, ``INT8_ACQ``) has a datamodule and a validated model.
+- A model never validated has no normalisation statistics or thresholds. As in anomalib it
+  still exports, returning raw scores; a warning says so. A teacher whose pretrained weights
+  were never loaded gets them first, as before testing or predicting.
+- ONNX opset 18 by default, the oldest that torch's exporter implements (anomalib asks for 14,
+  which goes through a version converter that fails on this graph and keeps opset 18 anyway).
+- INT8 compression of the teacher only. The students are tiny, and the discrepancy maths and
+  the map smoothing turn small differences of normalised features into the anomaly map:
+  quantised, they lose the signal (image AUROC falls to chance). Post-training quantisation
+  uses NNCF's transformer scheme; its default scheme makes graphs the CPU plugin cannot compile.
+  Nodes are told apart by the module scope that the ONNX exporter records on each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from anomalib.deploy.export import CompressionType
+from anomalib.post_processing import PostProcessor
+from torch.nn import functional
+
+if TYPE_CHECKING:
+    from anomalib.data import AnomalibDataModule, Batch
+    from openvino import Model
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ONNX_OPSET = 18
+TEACHER_SCOPE = "model.teacher"
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+CALIBRATED_COMPRESSION = (CompressionType.INT8_PTQ, CompressionType.INT8_ACQ)
+RECOMMENDED_CALIBRATION_IMAGES = 300
+
+
+def check_input_size(input_size: Sequence[int] | None, patch_size: int) -> None:
+    """Raise a ``ValueError`` unless ``input_size`` is two positive multiples of ``patch_size``.
+
+    Raises:
+        ValueError: If ``input_size`` is missing, not ``(height, width)`` or off the patch grid; the
+            message names the nearest valid sides.
+    """
+    if input_size is None:
+        msg = (
+            "TransformerStudent exports with a fixed input size: pass input_size=(height, width) "
+            '(CLI: --input_size "[1036,1036]"), the size of the images the deployed model receives.'
+        )
+        raise ValueError(msg)
+    if len(input_size) != 2:
+        msg = f"input_size must be (height, width), got {list(input_size)}."
+        raise ValueError(msg)
+    invalid = [int(side) for side in input_size if int(side) < patch_size or int(side) % patch_size]
+    if invalid:
+        nearest = sorted(
+            {max(patch_size, side // patch_size * patch_size) for side in invalid}
+            | {(side // patch_size + 1) * patch_size for side in invalid}
+        )
+        msg = (
+            f"input_size {list(input_size)} must be positive multiples of the teacher's patch size "
+            f"{patch_size}; nearest valid sides: {nearest}."
+        )
+        raise ValueError(msg)
+
+
+def lacks_statistics(post_processor: nn.Module | None) -> bool:
+    """Whether ``post_processor`` normalises outputs but lacks the statistics and thresholds validation sets."""
+    if not isinstance(post_processor, PostProcessor) or not post_processor.enable_normalization:
+        return False
+    statistics = (post_processor.image_min, post_processor.image_max, post_processor.image_threshold)
+    return any(torch.isnan(value).any() for value in statistics)
+
+
+def check_calibration(
+    compression_type: CompressionType | str | None, datamodule: object, post_processor: nn.Module | None
+) -> None:
+    """Raise a ``ValueError`` if a calibrated compression lacks data or a validated model.
+
+    Raises:
+        ValueError: If ``INT8_PTQ``/``INT8_ACQ`` is asked without a datamodule, or for a model whose
+            post-processor has no normalisation statistics (unset, they are NaN constants in the graph,
+            and OpenVINO's CPU plugin cannot compile the quantised graph).
+    """
+    if compression_type is None or CompressionType(compression_type) not in CALIBRATED_COMPRESSION:
+        return
+    name = CompressionType(compression_type).name
+    if datamodule is None:
+        msg = (
+            f"compression_type {name} calibrates on images: pass a datamodule "
+            "(CLI: --data ..., e.g. the training data; its validation images are used)."
+        )
+        raise ValueError(msg)
+    if lacks_statistics(post_processor):
+        msg = (
+            f"compression_type {name} needs a trained and validated model, but this one has no normalisation "
+            "statistics; export the checkpoint that training wrote (--ckpt_path), or use FP16 or INT8."
+        )
+        raise ValueError(msg)
+
+
+def non_teacher_nodes(onnx_path: str | Path) -> frozenset[str]:
+    """Names of the nodes of an exported ONNX graph that lie outside the teacher.
+
+    Raises:
+        RuntimeError: If the graph records no module scopes (not made by torch's dynamo exporter).
+    """
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    scopes = {
+        node.name: {entry.key: entry.value for entry in node.metadata_props}.get(NAME_SCOPES_KEY, "")
+        for node in graph.node
+    }
+    teacher = {name for name, scope in scopes.items() if f"'{TEACHER_SCOPE}" in scope}
+    if not teacher:
+        msg = (
+            "The exported graph records no module scopes, so INT8 compression cannot tell the teacher apart; "
+            "export with torch's dynamo-based ONNX exporter (torch >= 2.6)."
+        )
+        raise RuntimeError(msg)
+    return frozenset(set(scopes) - teacher)
+
+
+def calibration_images(batch: Batch, size: tuple[int, int]) -> torch.Tensor:
+    """A datamodule batch as the exported model receives it: images resized to its input ``size``.
+
+    This model's datamodules keep images at their original size (its pre-processing resizes).
+    """
+    images = batch.image
+    if tuple(images.shape[-2:]) != size:
+        images = functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return images
+
+
+class TransformerStudentExportMixin:
+    """Export checks and INT8 policy around anomalib's ``ExportMixin``; list it before ``AnomalibModule``.
+
+    The host provides ``model`` (with ``model.teacher.patch_size``), ``post_processor`` and
+    ``load_teacher_weights()``.
+
+    Example:
+        >>> class Model(TransformerStudentExportMixin, AnomalibModule): ...  # doctest: +SKIP
+        >>> Model().to_openvino("exports", input_size=(1036, 1036), compression_type="int8")  # doctest: +SKIP
+    """
+
+    model: nn.Module
+    post_processor: nn.Module | None
+    load_teacher_weights: Callable[[], None]
+    _non_teacher_nodes: frozenset[str] = frozenset()
+
+    def _prepare_export(self) -> None:
+        """Warn about unnormalised outputs and load the teacher's weights if they never were."""
+        if lacks_statistics(self.post_processor):
+            logger.warning(
+                "Exporting a model without normalisation statistics or thresholds (it was never validated): the "
+                "exported model returns raw, unnormalised scores and maps, and its labels compare raw scores with "
+                "0.5. Train it first (anomalib train, or Engine.fit, which validates) and export its checkpoint."
+            )
+        self.load_teacher_weights()
+
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """Run anomalib's ``to_torch`` after the untrained-model warning."""
+        self._prepare_export()
+        return super().to_torch(export_root, model_file_name)  # type: ignore[misc]
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,  # passthrough to torch.onnx.export
+    ) -> Path:
+        """Run anomalib's ``to_onnx`` (opset 18 unless given) once ``input_size`` fits the patch grid.
+
+        Raises:
+            ValueError: If ``input_size`` is missing or not a multiple of the teacher's patch size.
+        """
+        check_input_size(input_size, self.model.teacher.patch_size)
+        self._prepare_export()
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        onnx_path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
+        self._non_teacher_nodes = non_teacher_nodes(onnx_path)
+        return onnx_path
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        **kwargs: Any,  # metric, task, max_drop, ov_kwargs, onnx_kwargs
+    ) -> Path:
+        """Run anomalib's ``to_openvino`` once the input size and any calibration needs are checked.
+
+        Raises:
+            ValueError: If ``input_size`` is missing or off the patch grid, or ``INT8_PTQ``/``INT8_ACQ``
+                lacks a datamodule or a validated model.
+        """
+        check_input_size(input_size, self.model.teacher.patch_size)
+        check_calibration(compression_type, datamodule, self.post_processor)
+        return super().to_openvino(  # type: ignore[misc]
+            export_root, model_file_name, input_size, compression_type, datamodule, **kwargs
+        )
+
+    def _ignored_scope(self) -> Any:  # nncf.IgnoredScope; nncf is imported only when compressing
+        import nncf
+
+        return nncf.IgnoredScope(names=sorted(self._non_teacher_nodes), validate=False)
+
+    def _compress_ov_model(
+        self, model: Model, compression_type: CompressionType | None = None, *args: Any, **kwargs: Any
+    ) -> Model:
+        """INT8 weight compression of the teacher only; other compressions as anomalib makes them."""
+        if compression_type == CompressionType.INT8:
+            import nncf
+
+            return nncf.compress_weights(model, ignored_scope=self._ignored_scope())
+        return super()._compress_ov_model(model, compression_type, *args, **kwargs)  # type: ignore[misc]
+
+    def _post_training_quantization_ov(self, model: Model, datamodule: AnomalibDataModule | None = None) -> Model:
+        """INT8 quantisation of the teacher, calibrated on the datamodule's validation images."""
+        import nncf
+
+        check_calibration(CompressionType.INT8_PTQ, datamodule, self.post_processor)
+        datamodule.setup("fit")
+        shape = model.input(0).get_partial_shape()
+        size = (shape[2].get_length(), shape[3].get_length())
+        dataloader = datamodule.val_dataloader()
+        if len(dataloader.dataset) < RECOMMENDED_CALIBRATION_IMAGES:
+            logger.warning(
+                ">%d images recommended for INT8 quantization, found only %d images",
+                RECOMMENDED_CALIBRATION_IMAGES,
+                len(dataloader.dataset),
+            )
+        return nncf.quantize(
+            model,
+            nncf.Dataset(dataloader, lambda batch: calibration_images(batch, size)),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=min(RECOMMENDED_CALIBRATION_IMAGES, len(dataloader)),  # batches
+            ignored_scope=self._ignored_scope(),
+        )
