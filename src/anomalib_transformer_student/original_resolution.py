@@ -89,26 +89,6 @@ class OriginalSizePreProcessor(PreProcessor):
         del trainer, pl_module, batch_idx, dataloader_idx
         self._transform_unless_kept(batch)
 
-    def on_test_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Batch,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Leave the batch at its original size (or transform it, without ``keep_original_size``)."""
-        del trainer, pl_module, batch_idx, dataloader_idx
-        self._transform_unless_kept(batch)
-
-    def on_predict_batch_start(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        batch: Batch,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Leave the batch at its original size (or transform it, without ``keep_original_size``)."""
-        del trainer, pl_module, batch_idx, dataloader_idx
-        self._transform_unless_kept(batch)
+    # Test and predict batches are treated like validation batches.
+    on_test_batch_start = on_validation_batch_start
+    on_predict_batch_start = on_validation_batch_start
