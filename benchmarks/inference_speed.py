@@ -15,10 +15,15 @@ depend on them. A last table splits the time of ours into pre-processing, teache
 and post-processing (PyTorch: module hooks; OpenVINO: per-node profiling, nodes mapped to modules through
 the scopes the ONNX exporter records).
 
+Processes that run one after the other on a shared machine see different loads. ``--paired N`` compares ours
+with L2BT in PyTorch FP32 within one process instead, alternating the two models N times (ours, L2BT, ours,
+...), so that both see the same conditions; it prints the medians and their ratio, and nothing else.
+
 Usage::
 
     python benchmarks/inference_speed.py [--sizes 448 1036] [--teacher vit_base_patch14_reg4_dinov2.lvd142m]
         [--runs 5] [--warmup 1] [--variants torch l2bt ov-fp32 ...]
+    python benchmarks/inference_speed.py --sizes 1036 --paired 3 --threads 1
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ PARTS = {
     "model.anomaly_map_generator": "anomaly map",
     "post_processor": "post-processing",
 }
-CALIBRATION_IMAGES = 8
+CALIBRATION_IMAGES = 4
 # Normalisation statistics and thresholds as validation would set them, so that the models export and run
 # as trained ones do (calibrated INT8 needs them); the values do not affect speed.
 NORMALISATION = {
@@ -172,6 +177,22 @@ def measure_torch(variant: str, teacher: str, size: int, warmup: int, runs: int,
     times = time_runs(run, 0, runs, synchronize)
     memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
     return {"times": times, "memory": memory, "parts": {part: s / sum(times) for part, s in parts.items()}}
+
+
+def measure_paired(teacher: str, size: int, warmup: int, runs: int, threads: int | None) -> dict[str, list[float]]:
+    """Latencies of ours and of L2BT in PyTorch FP32 on CPU, alternating ``runs`` times in this process."""
+    if threads:
+        torch.set_num_threads(threads)
+    models = {"torch": build_ours(teacher, size), "l2bt": build_l2bt(size)}
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            time_runs(lambda model=model: model(images), warmup, 0)
+        for _ in range(runs):
+            for name, model in models.items():
+                times[name] += time_runs(lambda model=model: model(images), 0, 1)
+    return times
 
 
 def measure_openvino(model_path: str, warmup: int, runs: int, threads: int | None, scopes: dict[str, str]) -> dict:
@@ -300,6 +321,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the libraries' own, all cores)")
     parser.add_argument("--variants", nargs="+", choices=CPU_VARIANTS + CUDA_VARIANTS, help="default: all available")
+    parser.add_argument(
+        "--paired", type=int, metavar="N", help="only compare ours with L2BT (PyTorch FP32), alternating N times"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -312,6 +336,15 @@ def main() -> None:
     )
     print(f"teacher {args.teacher} (random weights), batch 1, median of {args.runs} runs after {args.warmup} warm-up")
     print("load average at start (other processes share the CPU): {:.1f} {:.1f} {:.1f}\n".format(*os.getloadavg()))
+    if args.paired:
+        for size in args.sizes:
+            times = in_fresh_process(measure_paired, args.teacher, size, args.warmup, args.paired, args.threads)
+            ours, l2bt = (statistics.median(times[name]) for name in ("torch", "l2bt"))
+            runs = {name: " ".join(f"{seconds * 1e3:.0f}" for seconds in times[name]) for name in times}
+            print(f"{size} px, alternating in one process, ms per run: ours {runs['torch']}; L2BT {runs['l2bt']}")
+            medians = f"ours {ours * 1e3:.0f} ms, L2BT {l2bt * 1e3:.0f} ms (medians)"
+            print(f"{size} px: {medians}, ours / L2BT = {ours / l2bt:.2f}")
+        return
     results: dict[tuple[int, str], dict] = {}
     exports: dict[int, dict] = {}
     for size in args.sizes:

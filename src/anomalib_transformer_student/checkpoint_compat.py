@@ -16,6 +16,10 @@ and names every setting that differs. Checkpoints without the record are compare
 The teacher's weights (``pretrained``, ``teacher_weights``) are not compared: the checkpoint
 holds the teacher, so its weights replace whatever the model was built with. Neither is the
 pretrained tag of the teacher's name (``.lvd142m``), which does not change the architecture.
+
+The evaluator's entries of the state dict (metric settings such as AUPRO's FPR limit) are not
+learned either: :func:`use_current_evaluator` swaps them for the model's, so that a checkpoint can be
+tested with other metrics than it was trained with (``anomalib test --config configs/size_aupro.yaml``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from timm.models import split_model_name_tag
+from torch import nn
 
 from .teacher import normalise_layers
 
@@ -33,6 +38,7 @@ if TYPE_CHECKING:
 ARCHITECTURE_KEY = "transformer_student_architecture"
 # The settings that decide what the saved weights mean.
 ARCHITECTURE_SETTINGS = ("teacher", "layers", "image_size")
+EVALUATOR_PREFIX = "evaluator."
 
 
 class CheckpointMismatchError(ValueError):
@@ -102,6 +108,32 @@ def check_checkpoint_compatible(checkpoint: Mapping[str, Any], model: Transforme
     raise CheckpointMismatchError(msg)
 
 
+def use_current_evaluator(checkpoint: dict[str, Any], model: nn.Module) -> None:
+    """Replace the checkpoint's evaluator entries by those of ``model``'s current evaluator, in place.
+
+    Call it from ``on_load_checkpoint``. Without it, a strict load fails as soon as the metrics differ
+    from those the checkpoint was trained with ("Missing key(s) in state_dict:
+    evaluator.test_metrics.2.fpr_limit").
+
+    Example:
+        >>> from anomalib.metrics import AUPRO, Evaluator
+        >>> model = nn.Module()
+        >>> model.evaluator = Evaluator(test_metrics=[AUPRO(fields=["anomaly_map", "gt_mask"])])
+        >>> checkpoint = {"state_dict": {"evaluator.test_metrics.0.old": 1}}
+        >>> use_current_evaluator(checkpoint, model)
+        >>> sorted(checkpoint["state_dict"])
+        ['evaluator.test_metrics.0.fpr_limit']
+    """
+    state = checkpoint.get("state_dict")
+    if state is None:
+        return
+    for key in [key for key in state if key.startswith(EVALUATOR_PREFIX)]:
+        del state[key]
+    evaluator = getattr(model, "evaluator", None)
+    if isinstance(evaluator, nn.Module):
+        state.update({EVALUATOR_PREFIX + key: value for key, value in evaluator.state_dict().items()})
+
+
 __all__ = [
     "ARCHITECTURE_KEY",
     "ARCHITECTURE_SETTINGS",
@@ -109,4 +141,5 @@ __all__ = [
     "check_checkpoint_compatible",
     "model_architecture",
     "record_architecture",
+    "use_current_evaluator",
 ]

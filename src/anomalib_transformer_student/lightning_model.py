@@ -24,7 +24,7 @@ from anomalib.pre_processing.utils.spec import transform_to_spec
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .checkpoint_compat import check_checkpoint_compatible, record_architecture
+from .checkpoint_compat import check_checkpoint_compatible, record_architecture, use_current_evaluator
 from .data_checks import DataChecks
 from .export import TransformerStudentExportMixin
 from .feature_cache import (
@@ -212,8 +212,13 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         checkpoint["rng_state"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another teacher, layers or size; when resuming a fit, restore the generators."""
+        """Prepare a checkpoint before its state dict loads.
+
+        Refuse one of another teacher, layers or size; keep this model's metrics (evaluator); when resuming a
+        fit, restore the random generators.
+        """
         check_checkpoint_compatible(checkpoint, self)
+        use_current_evaluator(checkpoint, self)
         super().on_load_checkpoint(checkpoint)
         if "rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             restore_rng_state(checkpoint["rng_state"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from anomalib_transformer_student import TransformerStudent
 from .cli_helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
 
 pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +49,17 @@ def test_train_with_full_class_path(demo_root: Path, tmp_path: Path) -> None:
     assert checkpoints(tmp_path / "results")
 
 
-def test_test_from_checkpoint(trained: Path, demo_root: Path, tmp_path: Path) -> None:
+def test_test_from_checkpoint_with_the_size_metric_config(trained: Path, demo_root: Path, tmp_path: Path) -> None:
+    """The checkpoint was trained with anomalib's default metrics and is tested with those of the config."""
     result = run_cli(
-        ["test", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, *data_args(demo_root),
-         "--ckpt_path", str(trained), "--default_root_dir", str(tmp_path / "results")],
+        ["test", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, "--config", str(CONFIGS / "size_aupro.yaml"),
+         *data_args(demo_root), "--ckpt_path", str(trained), "--default_root_dir", str(tmp_path / "results")],
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    assert "image_AUROC" in output
-    assert "pixel_AUROC" in output
+    logged = dict(re.findall(r"│\s+(\w+)\s+│\s+([-\d.e]+)\s+│", result.stdout + result.stderr))
+    assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "pixel_SizeAUPRO", "pixel_q1_SizeAUPRO"} <= set(logged)
+    assert 0.0 <= float(logged["pixel_q1_SizeAUPRO"]) <= 1.0
 
 
 def test_predict_from_checkpoint(trained: Path, demo_root: Path, tmp_path: Path) -> None:
@@ -84,7 +87,7 @@ def test_get_model_returns_our_class() -> None:
 
 
 def test_benchmark_pipeline_runs(demo_root: Path, tmp_path: Path) -> None:
-    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / "benchmark.yaml").read_text())
+    config = yaml.safe_load((CONFIGS / "benchmark.yaml").read_text())
     config["accelerator"] = ["cpu"]
     config["benchmark"]["model"]["init_args"] = {
         "pretrained": False, "teacher": "vit_small_patch14_dinov2", "image_size": 112, "max_epochs": 1,

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import lightning
 import pytest
 import torch
+from anomalib.metrics import AUPRO, Evaluator
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.checkpoint_compat import (
@@ -105,3 +106,12 @@ def test_load_from_checkpoint_with_other_settings_names_them(checkpoint: Path, o
     with pytest.raises(CheckpointMismatchError) as error:
         TransformerStudent.load_from_checkpoint(checkpoint, **overrides)
     assert fragment in str(error.value)
+
+
+def test_checkpoint_is_tested_with_the_models_own_metrics(checkpoint: Path) -> None:
+    """The checkpoint was saved with anomalib's default metrics; AUPRO brings a buffer the checkpoint lacks."""
+    evaluator = Evaluator(test_metrics=[AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.05)])
+    model = TransformerStudent.load_from_checkpoint(checkpoint, evaluator=evaluator)
+    (aupro,) = model.evaluator.test_metrics
+    assert float(aupro.fpr_limit) == pytest.approx(0.05)
+    assert not any(type(metric).__name__ == "F1Score" for metric in model.evaluator.test_metrics)
