@@ -6,6 +6,7 @@ Variants, each at every ``--sizes`` resolution (square images of that side, the 
 - ``l2bt``: PyTorch FP32, anomalib's ``L2BT`` with its pre-processor at the same size;
 - ``ov-fp32``, ``ov-fp16``, ``ov-int8``, ``ov-int8-ptq``: OpenVINO exports of ours made by
   ``to_openvino`` (INT8: weight compression; INT8 PTQ: quantisation calibrated on generated images);
+- on request only, ``ov-int8-ptq-attention``: INT8 PTQ with the teacher's attention products quantised too;
 - with CUDA present, also ``cuda-fp32``, ``cuda-fp16``, ``l2bt-cuda-fp32``, ``l2bt-cuda-fp16`` (FP16: autocast).
 
 Each variant runs in a fresh process: ``--warmup`` untimed runs, then ``--runs`` timed ones; latency is
@@ -17,7 +18,8 @@ the scopes the ONNX exporter records).
 
 Processes that run one after the other on a shared machine see different loads. ``--paired N`` compares ours
 with L2BT in PyTorch FP32 within one process instead, alternating the two models N times (ours, L2BT, ours,
-...), so that both see the same conditions; it prints the medians and their ratio, and nothing else.
+...), so that both see the same conditions: the whole forward, the teacher alone, and everything but the
+teacher; it prints the medians and their ratios, and nothing else.
 
 Usage::
 
@@ -44,6 +46,8 @@ from pathlib import Path
 import torch
 
 CPU_VARIANTS = ("torch", "l2bt", "ov-fp32", "ov-fp16", "ov-int8", "ov-int8-ptq")
+# Not in the default set: INT8 PTQ with the attention products quantised too (NNCF's transformer default).
+EXTRA_VARIANTS = ("ov-int8-ptq-attention",)
 CUDA_VARIANTS = ("cuda-fp32", "cuda-fp16", "l2bt-cuda-fp32", "l2bt-cuda-fp16")
 LABELS = {
     "torch": "PyTorch FP32 (ours)",
@@ -52,12 +56,20 @@ LABELS = {
     "ov-fp16": "OpenVINO FP16",
     "ov-int8": "OpenVINO INT8 (weights)",
     "ov-int8-ptq": "OpenVINO INT8 PTQ",
+    "ov-int8-ptq-attention": "OpenVINO INT8 PTQ, attention quantised",
     "cuda-fp32": "PyTorch CUDA FP32 (ours)",
     "cuda-fp16": "PyTorch CUDA FP16 (ours)",
     "l2bt-cuda-fp32": "PyTorch CUDA FP32 (L2BT)",
     "l2bt-cuda-fp16": "PyTorch CUDA FP16 (L2BT)",
 }
-COMPRESSION = {"ov-fp32": None, "ov-fp16": "fp16", "ov-int8": "int8", "ov-int8-ptq": "int8_ptq"}
+TIMED_PARTS = ("whole", "teacher", "without teacher")  # of --paired
+COMPRESSION = {
+    "ov-fp32": None,
+    "ov-fp16": "fp16",
+    "ov-int8": "int8",
+    "ov-int8-ptq": "int8_ptq",
+    "ov-int8-ptq-attention": "int8_ptq",
+}
 # Module scopes of TransformerStudent, as the ONNX exporter records them, and their share-table names.
 PARTS = {
     "pre_processor": "pre-processing",
@@ -179,19 +191,33 @@ def measure_torch(variant: str, teacher: str, size: int, warmup: int, runs: int,
     return {"times": times, "memory": memory, "parts": {part: s / sum(times) for part, s in parts.items()}}
 
 
-def measure_paired(teacher: str, size: int, warmup: int, runs: int, threads: int | None) -> dict[str, list[float]]:
-    """Latencies of ours and of L2BT in PyTorch FP32 on CPU, alternating ``runs`` times in this process."""
+def measure_paired(teacher: str, size: int, warmup: int, runs: int, threads: int | None) -> dict[str, dict]:
+    """Latencies of ours and of L2BT in PyTorch FP32 on CPU, alternating ``runs`` times in this process.
+
+    Three measurements: the whole forward; the teacher alone; everything but the teacher (the teacher's
+    forward replaced by its stored output). The teacher is over 95 % of the time and varies by several
+    per cent from run to run on a shared machine, so the third is what tells the two implementations apart.
+    """
     if threads:
         torch.set_num_threads(threads)
     models = {"torch": build_ours(teacher, size), "l2bt": build_l2bt(size)}
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
+    times: dict[str, dict[str, list[float]]] = {kind: {name: [] for name in models} for kind in TIMED_PARTS}
+
+    def alternate(kind: str, run: object, repeats: int) -> None:
         for model in models.values():
-            time_runs(lambda model=model: model(images), warmup, 0)
-        for _ in range(runs):
+            time_runs(lambda model=model: run(model), warmup, 0)
+        for _ in range(repeats):
             for name, model in models.items():
-                times[name] += time_runs(lambda model=model: model(images), 0, 1)
+                times[kind][name] += time_runs(lambda model=model: run(model), 0, 1)
+
+    with torch.inference_mode():
+        alternate("whole", lambda model: model(images), runs)
+        alternate("teacher", lambda model: model.model.teacher(model.pre_processor(images)), runs)
+        for model in models.values():
+            features = model.model.teacher(model.pre_processor(images))
+            model.model.teacher.forward = lambda *_, features=features, **__: features
+        alternate("without teacher", lambda model: model(images), 3 * runs)
     return times
 
 
@@ -271,7 +297,8 @@ def export_all(teacher: str, size: int, variants: list[str], root: Path) -> tupl
     for variant in variants:
         if variant not in COMPRESSION:
             continue
-        datamodule = calibration_data(root / "calibration", size) if variant == "ov-int8-ptq" else None
+        datamodule = calibration_data(root / "calibration", size) if COMPRESSION[variant] == "int8_ptq" else None
+        model.ptq_float_operations = () if variant == "ov-int8-ptq-attention" else type(model).ptq_float_operations
         start = time.perf_counter()
         path = model.to_openvino(
             root / variant, input_size=(size, size), compression_type=COMPRESSION[variant], datamodule=datamodule
@@ -320,7 +347,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the libraries' own, all cores)")
-    parser.add_argument("--variants", nargs="+", choices=CPU_VARIANTS + CUDA_VARIANTS, help="default: all available")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=CPU_VARIANTS + EXTRA_VARIANTS + CUDA_VARIANTS,
+        help="default: all available but ov-int8-ptq-attention",
+    )
     parser.add_argument(
         "--paired", type=int, metavar="N", help="only compare ours with L2BT (PyTorch FP32), alternating N times"
     )
@@ -339,11 +371,14 @@ def main() -> None:
     if args.paired:
         for size in args.sizes:
             times = in_fresh_process(measure_paired, args.teacher, size, args.warmup, args.paired, args.threads)
-            ours, l2bt = (statistics.median(times[name]) for name in ("torch", "l2bt"))
-            runs = {name: " ".join(f"{seconds * 1e3:.0f}" for seconds in times[name]) for name in times}
-            print(f"{size} px, alternating in one process, ms per run: ours {runs['torch']}; L2BT {runs['l2bt']}")
-            medians = f"ours {ours * 1e3:.0f} ms, L2BT {l2bt * 1e3:.0f} ms (medians)"
-            print(f"{size} px: {medians}, ours / L2BT = {ours / l2bt:.2f}")
+            print(f"{size} px, ours and L2BT alternating in one process (ms; median, then each run):")
+            for kind in TIMED_PARTS:
+                ours, l2bt = (statistics.median(times[kind][name]) for name in ("torch", "l2bt"))
+                each = {name: " ".join(f"{s * 1e3:.0f}" for s in times[kind][name]) for name in ("torch", "l2bt")}
+                print(
+                    f"  {kind}: ours {ours * 1e3:.0f} ({each['torch']}), L2BT {l2bt * 1e3:.0f} ({each['l2bt']}), "
+                    f"ours / L2BT = {ours / l2bt:.2f}"
+                )
         return
     results: dict[tuple[int, str], dict] = {}
     exports: dict[int, dict] = {}

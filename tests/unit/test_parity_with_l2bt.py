@@ -6,8 +6,10 @@ import pytest
 import timm
 import torch
 from anomalib.models.image.l2bt import teacher as l2bt_teacher
+from anomalib.models.image.l2bt.anomaly_map import L2BTAnomalyMapGenerator
 from anomalib.models.image.l2bt.torch_model import L2BTModel
 
+from anomalib_transformer_student.anomaly_map import top_k_mean
 from anomalib_transformer_student.teacher import TeacherFeatureExtractor
 from anomalib_transformer_student.torch_model import TransformerStudentModel
 
@@ -96,3 +98,15 @@ def test_training_losses_match(
         ours.eval()
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     assert actual.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "ratio"),
+    [(10, 18, 0.35), (1036, 1036, 0.001), (224, 224, 0.001), (7, 3, 0.1), (1000, 1500, 0.001)],
+)
+def test_top_k_score_takes_as_many_pixels_as_the_reference(height: int, width: int, ratio: float) -> None:
+    """``k`` depends on the order of the float product: 0.35 * 10 * 18 -> 63 pixels, the reference takes 62."""
+    maps = torch.zeros(2, 1, height, width)
+    maps[:, :, 0, 0] = 1.0  # the score is then exactly 1 / k
+    reference = L2BTAnomalyMapGenerator(patch_size=14, topk_ratio=ratio)._score_topk_mean(maps)
+    assert torch.equal(top_k_mean(maps, ratio), reference)
