@@ -17,8 +17,8 @@ graph holds pre-processing, model and post-processing). This model adds:
 - Post-training quantisation uses NNCF's scheme for Transformers (anomalib's call, with the default
   scheme over the whole graph, made a graph that OpenVINO's CPU plugin could not compile) and
   keeps the attention products in float: quantised, they miss OpenVINO's fused attention kernel,
-  and at 1036 px (5,476 tokens) a CPU without INT8 dot-product units ran them slower and with
-  three times the memory.
+  and at 1036 px (5,476 tokens) a CPU without INT8 dot-product units ran them slower than FP32 and
+  with four times its peak memory (``benchmarks/inference_speed.py --variants ov-int8-ptq-attention``).
 """
 
 from __future__ import annotations
