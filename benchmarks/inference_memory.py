@@ -36,7 +36,7 @@ def prepare(workdir: Path, image_size: int, teacher: str, pretrained: bool) -> t
     from anomalib.engine import Engine
 
     from anomalib_transformer_student import TransformerStudent
-    from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
+    from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
     spec = DemoDatasetSpec(categories=("brick",), image_size=image_size, n_train=8, n_test_good=10, n_test_per_defect=4)
     root = generate_demo_dataset(workdir / "data", spec)

@@ -274,7 +274,7 @@ def calibration_data(root: Path, size: int) -> object:
     """A datamodule of generated images at ``size`` for INT8 post-training quantisation."""
     from anomalib.data import MVTecAD
 
-    from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
+    from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
     # anomalib's MVTecAD validates on half of the test images, which calibrate the quantisation.
     spec = DemoDatasetSpec(

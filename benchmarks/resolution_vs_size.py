@@ -24,11 +24,11 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
-from anomalib_transformer_student.evaluate import evaluate_checkpoint
+from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.apps.evaluate import evaluate_checkpoint
 from anomalib_transformer_student.metrics import FPR_LIMITS, SUBSETS
-from anomalib_transformer_student.teacher import DEFAULT_TEACHER
-from anomalib_transformer_student.teacher_weights import pretrained_weights_available
+from anomalib_transformer_student.model.teacher import DEFAULT_TEACHER
+from anomalib_transformer_student.training.teacher_weights import pretrained_weights_available
 
 
 def parse_args() -> argparse.Namespace:

@@ -165,7 +165,7 @@ def timed(function, repeats: int) -> tuple[float, object]:
 @torch.no_grad()
 def forward_parts(model, transform, original_size: tuple[int, int], repeats: int) -> dict[str, float]:
     """Median seconds of each part of one evaluation forward of an image of ``original_size``."""
-    from anomalib_transformer_student.anomaly_map import patch_discrepancy, square_padding
+    from anomalib_transformer_student.model.anomaly_map import patch_discrepancy, square_padding
 
     device = next(model.parameters()).device
     raw = torch.rand(1, 3, *original_size, device=device)
@@ -309,7 +309,7 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(result))
         return
 
-    from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
+    from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)

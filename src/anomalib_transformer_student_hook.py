@@ -9,7 +9,7 @@ nothing heavy itself and only waits for ``anomalib.models`` to be imported.
 import sys
 
 _TRIGGER = "anomalib.models"
-_PLUGIN = "anomalib_transformer_student"
+_PLUGIN = "anomalib_transformer_student.model"
 
 
 class _ImportPluginAfterAnomalibModels:

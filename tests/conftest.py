@@ -1,4 +1,4 @@
-"""Shared fixtures: small random teachers and a tiny generated MVTec-AD-layout dataset."""
+"""Shared fixtures: a tiny generated MVTec-AD-layout dataset (helpers live in ``tests/helpers.py``)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
-
-SMALL_TEACHER = "vit_small_patch14_dinov2"
+from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from anomalib.models import get_model
 
 from anomalib_transformer_student import TransformerStudent
 
-from .cli_helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
+from ..helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).parents[2] / "configs"

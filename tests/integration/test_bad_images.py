@@ -23,15 +23,14 @@ from anomalib.engine import Engine
 from PIL import Image
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.data_checks import (
+from anomalib_transformer_student.training.data_checks import (
     ClippedImageError,
     CorruptImageError,
     EmptyTrainingSetError,
     MaskSizeError,
 )
 
-from ..conftest import SMALL_TEACHER
-from .cli_helpers import data_args, run_cli
+from ..helpers import SMALL_TEACHER, data_args, run_cli
 
 # A 4-block teacher at 56 px: the checks run before the teacher matters, and training stays cheap.
 MODEL_KWARGS = {
@@ -49,7 +48,7 @@ CLI_MODEL_ARGS = [
     "--model.layers", "[1, 3]",
     "--model.feature_cache", "false",
 ]  # fmt: skip
-CHECKS_LOGGER = "anomalib_transformer_student.data_checks"
+CHECKS_LOGGER = "anomalib_transformer_student.training.data_checks"
 
 
 @pytest.fixture

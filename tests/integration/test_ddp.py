@@ -11,10 +11,10 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
-from anomalib_transformer_student.feature_cache import image_key
+from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.training.feature_cache import image_key
 
-from .cli_helpers import checkpoints, data_args, run_cli
+from ..helpers import checkpoints, data_args, run_cli
 
 pytestmark = pytest.mark.slow
 

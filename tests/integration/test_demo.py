@@ -18,9 +18,10 @@ import yaml
 from anomalib.data import MVTecAD
 from PIL import Image
 
-from anomalib_transformer_student import cli, demo, teacher_weights
-from anomalib_transformer_student.demo_data import TEXTURES, DemoDatasetSpec
-from anomalib_transformer_student.report import format_metrics_table, write_metrics_json
+from anomalib_transformer_student.apps import cli, demo
+from anomalib_transformer_student.apps.demo_data import TEXTURES, DemoDatasetSpec
+from anomalib_transformer_student.apps.report import format_metrics_table, write_metrics_json
+from anomalib_transformer_student.training import teacher_weights
 
 SMALL_TEACHER = "vit_small_patch14_dinov2"
 TINY_RUN = ["demo", "--categories", "brick", "--image-size", "112", "--epochs", "1", "--teacher", SMALL_TEACHER]
@@ -87,7 +88,7 @@ def test_demo_console_entry_in_subprocess_with_no_pretrained(tmp_path: Path) -> 
         "HF_HOME": str(tmp_path / "hf_home"),
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
     }
-    command = [sys.executable, "-m", "anomalib_transformer_student.cli", *TINY_RUN, "--no-pretrained"]
+    command = [sys.executable, "-m", "anomalib_transformer_student.apps.cli", *TINY_RUN, "--no-pretrained"]
     command += ["--output", str(output), "--data-root", str(tmp_path / "data")]
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment, check=False)

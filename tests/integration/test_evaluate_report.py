@@ -11,10 +11,10 @@ from anomalib.engine import Engine
 from PIL import Image
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.cli import main
+from anomalib_transformer_student.apps.cli import main
 from anomalib_transformer_student.metrics import FPR_LIMITS, SUBSETS
 
-from ..conftest import SMALL_TEACHER
+from ..helpers import SMALL_TEACHER
 
 pytestmark = pytest.mark.slow
 

@@ -23,9 +23,9 @@ from anomalib.engine import Engine
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
-from .cli_helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
+from ..helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
 
 pytestmark = pytest.mark.slow
 

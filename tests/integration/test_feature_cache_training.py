@@ -13,8 +13,8 @@ from lightning.pytorch import Callback, seed_everything
 from torchvision.transforms.v2 import RandomHorizontalFlip
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
-from anomalib_transformer_student.feature_cache import CacheDirectoryError
+from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.training.feature_cache import CacheDirectoryError
 
 N_TRAIN = 8
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .cli_helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
+from ..helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
 
 REPO = Path(__file__).parents[2]
 HEAVY_MODULES = ("torch", "timm", "lightning", "anomalib")

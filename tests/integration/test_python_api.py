@@ -12,7 +12,7 @@ from anomalib.engine import Engine
 
 from anomalib_transformer_student import TransformerStudent
 
-from ..conftest import SMALL_TEACHER
+from ..helpers import SMALL_TEACHER
 
 
 @pytest.fixture(scope="module")

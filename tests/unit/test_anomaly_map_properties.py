@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch.nn import functional
 
-from anomalib_transformer_student.anomaly_map import (
+from anomalib_transformer_student.model.anomaly_map import (
     AnomalyMapGenerator,
     box_blur_1d,
     square_padding,

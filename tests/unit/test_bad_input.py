@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.anomaly_map import AnomalyMapGenerator
-from anomalib_transformer_student.teacher import check_image_size, normalise_layers
+from anomalib_transformer_student.model.anomaly_map import AnomalyMapGenerator
+from anomalib_transformer_student.model.teacher import check_image_size, normalise_layers
 
-from ..conftest import SMALL_TEACHER
+from ..helpers import SMALL_TEACHER
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning
 import pytest
@@ -11,19 +10,20 @@ import torch
 from anomalib.metrics import AUPRO, Evaluator
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.checkpoint_compat import (
+from anomalib_transformer_student.training.checkpoint_compat import (
     ARCHITECTURE_KEY,
     CheckpointMismatchError,
     check_checkpoint_compatible,
 )
 
-from ..conftest import SMALL_TEACHER
+from ..helpers import SMALL_TEACHER
+
+DEPTH = 12
 
 
-def _model(teacher: str = SMALL_TEACHER, layers: tuple[int, int] = (7, 11), image_size: int = 224) -> SimpleNamespace:
-    """Just the attributes the check reads (a 12-block teacher)."""
-    teacher_module = SimpleNamespace(layers=tuple(index % 12 for index in layers), image_size=image_size, depth=12)
-    return SimpleNamespace(teacher_name=teacher, model=SimpleNamespace(teacher=teacher_module))
+def _architecture(teacher: str = SMALL_TEACHER, layers: tuple[int, int] = (7, 11), image_size: int = 224) -> dict:
+    """A model's architecture as the check receives it (of a 12-block teacher)."""
+    return {"teacher": teacher, "layers": [index % DEPTH for index in layers], "image_size": image_size}
 
 
 RECORDED = {ARCHITECTURE_KEY: {"teacher": SMALL_TEACHER, "layers": [7, 11], "image_size": 224}}
@@ -40,12 +40,12 @@ RECORDED = {ARCHITECTURE_KEY: {"teacher": SMALL_TEACHER, "layers": [7, 11], "ima
     ids=["recorded", "tag-and-negative-index", "partial-hparams", "no-record"],
 )
 def test_same_architecture_passes(checkpoint: dict) -> None:
-    check_checkpoint_compatible(checkpoint, _model())
+    check_checkpoint_compatible(checkpoint, _architecture(), DEPTH)
 
 
 def test_every_differing_setting_is_named_with_both_values_and_the_fix() -> None:
     with pytest.raises(CheckpointMismatchError) as error:
-        check_checkpoint_compatible(RECORDED, _model("vit_base_patch14_dinov2", (3, 9), 448))
+        check_checkpoint_compatible(RECORDED, _architecture("vit_base_patch14_dinov2", (3, 9), 448), DEPTH)
     message = str(error.value)
     assert f"teacher: checkpoint '{SMALL_TEACHER}', model 'vit_base_patch14_dinov2'" in message
     assert "layers: checkpoint [7, 11], model [3, 9]" in message
@@ -58,13 +58,13 @@ def test_the_record_wins_over_hyper_parameters() -> None:
     """Lightning writes `load_from_checkpoint` overrides into `hyper_parameters`; the record keeps the truth."""
     checkpoint = {**RECORDED, "hyper_parameters": {"teacher": SMALL_TEACHER, "layers": (3, 9), "image_size": 224}}
     with pytest.raises(CheckpointMismatchError, match=r"layers: checkpoint \[7, 11\], model \[3, 9\]"):
-        check_checkpoint_compatible(checkpoint, _model(layers=(3, 9)))
+        check_checkpoint_compatible(checkpoint, _architecture(layers=(3, 9)), DEPTH)
 
 
 def test_layers_out_of_the_teachers_range_count_as_different() -> None:
     checkpoint = {"hyper_parameters": {"teacher": SMALL_TEACHER, "layers": (7, 40)}}
     with pytest.raises(CheckpointMismatchError, match="layers"):
-        check_checkpoint_compatible(checkpoint, _model())
+        check_checkpoint_compatible(checkpoint, _architecture(), DEPTH)
 
 
 @pytest.fixture(scope="module")

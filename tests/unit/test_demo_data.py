@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomalib_transformer_student.demo_data import DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
 
 def test_spots_are_a_few_pixels_wide_at_full_size(tmp_path: Path) -> None:

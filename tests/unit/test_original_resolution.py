@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD
 from anomalib.data.transforms import SquarePad
-from anomalib.engine import Engine
 from anomalib.models.image.l2bt.anomaly_map import L2BTAnomalyMapGenerator
-from PIL import Image
 from torch.nn import functional
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.anomaly_map import AnomalyMapGenerator, square_padding
-from anomalib_transformer_student.original_resolution import OriginalSizePreProcessor, square_resize_transform
+from anomalib_transformer_student.model.anomaly_map import AnomalyMapGenerator, square_padding
+from anomalib_transformer_student.model.pre_processing import OriginalSizePreProcessor, square_resize_transform
 
 
 def reference_map(patch_map: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
@@ -86,68 +80,3 @@ def test_exported_model_returns_the_map_at_the_input_size() -> None:
         actual = exported(image)
     assert actual.anomaly_map.shape == (1, 1, 150, 100)
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
-
-
-HEIGHT, WIDTH = 1000, 1500
-DEFECT_CENTRE, DEFECT_HALF_SIDE = (280, 1150), 60
-
-
-def _nominal(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    rows, columns = np.mgrid[0:HEIGHT, 0:WIDTH] / 60.0
-    shade = 0.5 + 0.15 * np.sin(columns + rng.uniform(0, 6)) * np.cos(0.7 * rows + rng.uniform(0, 6))
-    image = np.stack([shade, 0.9 * shade, 0.8 * shade], axis=-1) + rng.normal(0, 0.03, (HEIGHT, WIDTH, 3))
-    return (image.clip(0, 1) * 255).astype(np.uint8)
-
-
-def _save(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-@pytest.fixture(scope="module")
-def wide_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MVTec-AD layout, 1500 x 1000 images: four nominal for training, one nominal and one defective to test."""
-    root = tmp_path_factory.mktemp("wide")
-    for index in range(4):
-        _save(_nominal(index), root / "wide" / "train" / "good" / f"{index:03d}.png")
-    _save(_nominal(10), root / "wide" / "test" / "good" / "000.png")
-    image, mask = _nominal(11), np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
-    (row, column), half = DEFECT_CENTRE, DEFECT_HALF_SIDE
-    mask[row - half : row + half, column - half : column + half] = 255
-    image[mask > 0] = (255, 0, 255)
-    _save(image, root / "wide" / "test" / "stain" / "000.png")
-    _save(mask, root / "wide" / "ground_truth" / "stain" / "000_mask.png")
-    return root
-
-
-def test_defect_in_a_non_square_image_peaks_where_it_was_drawn(wide_dataset: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = TransformerStudent(
-        teacher="vit_small_patch14_dinov2", pretrained=False, image_size=224, lr=1e-3, cache_dir=str(tmp_path)
-    )
-    datamodule = MVTecAD(root=wide_dataset, category="wide", train_batch_size=2, eval_batch_size=2, num_workers=0)
-    engine = Engine(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        check_val_every_n_epoch=3,
-        num_sanity_val_steps=0,
-    )
-    engine.fit(model, datamodule=datamodule)
-
-    batch = next(iter(engine.predict(model, datamodule=datamodule)))
-    assert batch.image.shape[-2:] == batch.gt_mask.shape[-2:] == (HEIGHT, WIDTH)
-    defective = next(index for index, path in enumerate(batch.image_path) if "stain" in path)
-    anomaly_map = batch.anomaly_map[defective].squeeze()
-    assert anomaly_map.shape == (HEIGHT, WIDTH)
-    row, column = divmod(int(anomaly_map.argmax()), WIDTH)
-    # A wrong crop would shift the peak by the 250 px of vertical padding.
-    assert abs(row - DEFECT_CENTRE[0]) < 100
-    assert abs(column - DEFECT_CENTRE[1]) < 100
-
-    (metrics,) = engine.test(model, datamodule=datamodule)
-    assert metrics["pixel_AUROC"] > 0.9

@@ -9,9 +9,9 @@ from anomalib.models.image.l2bt import teacher as l2bt_teacher
 from anomalib.models.image.l2bt.anomaly_map import L2BTAnomalyMapGenerator
 from anomalib.models.image.l2bt.torch_model import L2BTModel
 
-from anomalib_transformer_student.anomaly_map import top_k_mean
-from anomalib_transformer_student.teacher import TeacherFeatureExtractor
-from anomalib_transformer_student.torch_model import TransformerStudentModel
+from anomalib_transformer_student.model.anomaly_map import top_k_mean
+from anomalib_transformer_student.model.teacher import TeacherFeatureExtractor
+from anomalib_transformer_student.model.torch_model import TransformerStudentModel
 
 TEACHER = "vit_base_patch14_reg4_dinov2"
 IMAGE_SIZE = 224

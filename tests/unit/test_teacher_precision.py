@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from anomalib_transformer_student.teacher import TeacherFeatureExtractor, create_backbone
-from anomalib_transformer_student.torch_model import TransformerStudentModel
+from anomalib_transformer_student.model.teacher import TeacherFeatureExtractor, create_backbone
+from anomalib_transformer_student.model.torch_model import TransformerStudentModel
 
 
 def model(precision: str, image_size: int = 56) -> TransformerStudentModel:

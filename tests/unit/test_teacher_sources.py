@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student import teacher_weights as weights_module
-from anomalib_transformer_student.teacher import TeacherFeatureExtractor
-from anomalib_transformer_student.teacher_weights import (
+from anomalib_transformer_student.model.teacher import TeacherFeatureExtractor
+from anomalib_transformer_student.training import teacher_weights as weights_module
+from anomalib_transformer_student.training.teacher_weights import (
     TeacherWeightsUnavailableError,
     fetch_pretrained_state_dict,
     hub_reachable,

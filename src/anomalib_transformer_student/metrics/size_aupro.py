@@ -180,9 +180,7 @@ def _size_aupro_table(images: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.nda
         weights = np.where(in_subset, inverse_area, 0.0) / np.count_nonzero(size_class <= subset)
         # pro_from[i]: mean overlap of the subset's regions counting the sorted pixels i, i+1, ...
         pro_from = np.append(np.cumsum(weights[::-1])[::-1], 0.0)
-        pro = np.concatenate(
-            ([0.0], np.stack((pro_from[ends], pro_from[starts]), axis=1)[::-1].ravel(), [pro_from[0]])
-        )
+        pro = np.concatenate(([0.0], np.stack((pro_from[ends], pro_from[starts]), axis=1)[::-1].ravel(), [pro_from[0]]))
         table[subset] = _area_to_limits(fpr, pro, FPR_LIMITS)
     return table
 

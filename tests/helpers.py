@@ -1,4 +1,4 @@
-"""Running the real `anomalib` console script in a subprocess on generated data."""
+"""Helpers shared by the tests: the small random teacher, and the real `anomalib` console script in a subprocess."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+SMALL_TEACHER = "vit_small_patch14_dinov2"
 ANOMALIB = Path(sys.executable).parent / "anomalib"
 SMALL_MODEL_ARGS = [
     "--model.pretrained", "false",
-    "--model.teacher", "vit_small_patch14_dinov2",
+    "--model.teacher", SMALL_TEACHER,
     "--model.image_size", "112",
 ]  # fmt: skip
 

@@ -60,8 +60,8 @@ def evaluate_checkpoint(
     from anomalib.engine import Engine
     from anomalib.metrics import AUPRO, AUROC, Evaluator
 
-    from .lightning_model import TransformerStudent
-    from .metrics import SizeAUPRO
+    from ..metrics import SizeAUPRO
+    from ..model import TransformerStudent
 
     size_aupro = SizeAUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_")
     evaluator = Evaluator(

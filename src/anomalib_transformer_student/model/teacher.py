@@ -19,7 +19,7 @@ DEFAULT_LAYERS = (7, 11)
 def create_backbone(name: str) -> nn.Module:
     """Build the timm Vision Transformer ``name`` with random weights and no classifier head.
 
-    Weights are loaded separately (see :mod:`anomalib_transformer_student.teacher_weights`), so
+    Weights are loaded separately (see :mod:`anomalib_transformer_student.training.teacher_weights`), so
     that building a model never touches the network.
 
     Raises:
@@ -50,9 +50,7 @@ def normalise_layers(layers: Sequence[int], depth: int) -> tuple[int, int]:
     Raises:
         ValueError: If there are not exactly two indices, one is out of range, or both are equal.
     """
-    valid = (
-        f"valid indices are 0..{depth - 1} (or -{depth}..-1 from the end) for a teacher with {depth} blocks"
-    )
+    valid = f"valid indices are 0..{depth - 1} (or -{depth}..-1 from the end) for a teacher with {depth} blocks"
     if len(layers) != 2:
         msg = f"layers must be exactly two block indices (shallow, deep), got {list(layers)}; {valid}."
         raise ValueError(msg)

@@ -8,22 +8,27 @@ model's pre-processing contains a top-level ``Resize``, and its ``PreProcessor``
 ``batch.image`` and ``batch.gt_mask`` before ``test_step`` runs. :class:`OriginalSizePreProcessor`
 avoids both, so ``gt_mask`` stays at full resolution and the model pre-processes the image
 itself.
+
+:func:`evaluation_input` is the one owner of evaluation geometry: the validation, test and
+predict steps and the exported ``forward`` all ask it what the teacher receives and at which
+size the anomaly map comes back, so the two paths cannot disagree.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
+import torch
 from anomalib.data.transforms import SquarePad
 from anomalib.pre_processing import PreProcessor
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize, Transform
 
 if TYPE_CHECKING:
     from anomalib.data import Batch
     from lightning import LightningModule, Trainer
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def square_resize_transform(image_size: int) -> Transform:
@@ -43,7 +48,7 @@ def square_resize_transform(image_size: int) -> Transform:
                     Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC, antialias=True),
                 ]
             ),
-            Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
         ]
     )
 
@@ -92,3 +97,55 @@ class OriginalSizePreProcessor(PreProcessor):
     # Test and predict batches are treated like validation batches.
     on_test_batch_start = on_validation_batch_start
     on_predict_batch_start = on_validation_batch_start
+
+
+def _transforms(transform: object) -> Iterator[object]:
+    """``transform`` and every transform nested in it."""
+    yield transform
+    for inner in getattr(transform, "transforms", ()):
+        yield from _transforms(inner)
+
+
+def pads_to_square(transform: object) -> bool:
+    """Whether ``transform`` pads images to a square (anomalib's ``SquarePad``) before resizing them."""
+    return any(isinstance(inner, SquarePad) for inner in _transforms(transform))
+
+
+def evaluation_input(
+    pre_processor: nn.Module | None, images: torch.Tensor, *, pre_processed: bool
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """What the model receives for evaluation images, and where their map goes.
+
+    With an :class:`OriginalSizePreProcessor` that keeps the original size, the images arrive at
+    their own size in both paths: they are transformed here, and the map comes back at that size
+    (cut from the square-padded original when the transform pads, else stretched back). With any
+    other pre-processor the map comes at the pre-processed size: the evaluation steps receive
+    images that the pre-processor's batch hooks already transformed (together with their masks),
+    and ``forward`` transforms them here. As everywhere in anomalib, ``forward`` applies the
+    pre-processor's export transform, which resizes without antialiasing; the two paths differ by
+    that alone, and not at all where images are enlarged.
+
+    Args:
+        pre_processor: The model's pre-processor, or ``None``.
+        images: Evaluation images ``(B, 3, H, W)``.
+        pre_processed: ``True`` in the validation, test and predict steps (after the
+            pre-processor's batch hooks), ``False`` in ``forward`` (raw images, as exported).
+
+    Returns:
+        The teacher's input and the keyword arguments that place the map
+        (``original_size``, ``square_padded``) for :class:`TransformerStudentModel`.
+
+    Example:
+        >>> pre_processor = OriginalSizePreProcessor(square_resize_transform(112))
+        >>> inputs, placement = evaluation_input(pre_processor, torch.rand(1, 3, 150, 100), pre_processed=True)
+        >>> tuple(inputs.shape), placement
+        ((1, 3, 112, 112), {'original_size': (150, 100), 'square_padded': True})
+    """
+    if isinstance(pre_processor, OriginalSizePreProcessor) and pre_processor.keep_original_size:
+        # As anomalib exports: ``forward`` resizes without antialiasing (OpenVINO's antialiased resize differs).
+        transform = pre_processor.transform if pre_processed else pre_processor.export_transform
+        placement = {"original_size": tuple(images.shape[-2:]), "square_padded": pads_to_square(transform)}
+        return (transform(images) if transform else images), placement
+    if pre_processed or not pre_processor:
+        return images, {}
+    return pre_processor(images), {}

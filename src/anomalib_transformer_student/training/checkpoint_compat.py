@@ -25,15 +25,10 @@ tested with other metrics than it was trained with (``anomalib test --config con
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from timm.models import split_model_name_tag
 from torch import nn
-
-from .teacher import normalise_layers
-
-if TYPE_CHECKING:
-    from .lightning_model import TransformerStudent
 
 ARCHITECTURE_KEY = "transformer_student_architecture"
 # The settings that decide what the saved weights mean.
@@ -45,25 +40,27 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint was trained with another teacher, other layers or another input size."""
 
 
-def model_architecture(model: TransformerStudent) -> dict[str, Any]:
-    """Teacher name, block indices (non-negative) and input size of ``model``: plain data, safe to pickle."""
-    teacher = model.model.teacher
-    return {"teacher": model.teacher_name, "layers": list(teacher.layers), "image_size": teacher.image_size}
+def record_architecture(checkpoint: dict[str, Any], architecture: Mapping[str, Any]) -> None:
+    """Store the model's architecture (teacher name, block indices, input size) in ``checkpoint``.
+
+    Called from ``on_save_checkpoint``; the record is plain data, safe to pickle.
+    """
+    checkpoint[ARCHITECTURE_KEY] = {name: architecture[name] for name in ARCHITECTURE_SETTINGS}
 
 
-def record_architecture(checkpoint: dict[str, Any], model: TransformerStudent) -> None:
-    """Store :func:`model_architecture` in ``checkpoint`` (from ``on_save_checkpoint``)."""
-    checkpoint[ARCHITECTURE_KEY] = model_architecture(model)
+def _block_indices(layers: Sequence[Any], depth: int) -> tuple[int, ...] | None:
+    """``layers`` as non-negative block indices of a ``depth``-block teacher, ``None`` if it cannot have them."""
+    indices = [int(layer) for layer in layers]
+    if any(not -depth <= index < depth for index in indices):
+        return None
+    return tuple(index % depth for index in indices)
 
 
 def _differs(name: str, stored: Any, current: Any, depth: int) -> bool:
     if name == "teacher":
         return split_model_name_tag(str(stored))[0] != split_model_name_tag(str(current))[0]
     if name == "layers":
-        try:
-            return normalise_layers(stored, depth) != tuple(current)
-        except ValueError:  # indices this teacher cannot have
-            return True
+        return _block_indices(stored, depth) != _block_indices(current, depth)
     return int(stored) != int(current)
 
 
@@ -77,7 +74,7 @@ def _cli_value(value: Any) -> str:
     return f'"{list(value)}"' if isinstance(value, Sequence) and not isinstance(value, str) else str(value)
 
 
-def check_checkpoint_compatible(checkpoint: Mapping[str, Any], model: TransformerStudent) -> None:
+def check_checkpoint_compatible(checkpoint: Mapping[str, Any], current: Mapping[str, Any], depth: int) -> None:
     """Raise :class:`CheckpointMismatchError` naming every architecture setting in which they differ.
 
     Call it from ``on_load_checkpoint``, which Lightning runs before loading the state dict.
@@ -85,11 +82,18 @@ def check_checkpoint_compatible(checkpoint: Mapping[str, Any], model: Transforme
 
     Args:
         checkpoint: The loaded checkpoint.
-        model: The model it is being loaded into.
+        current: The architecture of the model it is being loaded into (teacher, layers, image_size).
+        depth: Number of blocks of the model's teacher, to compare negative block indices.
+
+    Example:
+        >>> architecture = {"teacher": "vit_base_patch14_reg4_dinov2", "layers": [7, 11], "image_size": 1036}
+        >>> check_checkpoint_compatible({ARCHITECTURE_KEY: {**architecture, "layers": [7, -1]}}, architecture, 12)
+        >>> checkpoint = {ARCHITECTURE_KEY: {**architecture, "image_size": 518}}
+        >>> check_checkpoint_compatible(checkpoint, architecture, 12)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        CheckpointMismatchError: The checkpoint was trained with other settings than this model has: ...
     """
     stored = checkpoint.get(ARCHITECTURE_KEY) or checkpoint.get("hyper_parameters") or {}
-    current = model_architecture(model)
-    depth = model.model.teacher.depth
     differing = [
         name for name in ARCHITECTURE_SETTINGS if name in stored and _differs(name, stored[name], current[name], depth)
     ]
@@ -108,8 +112,8 @@ def check_checkpoint_compatible(checkpoint: Mapping[str, Any], model: Transforme
     raise CheckpointMismatchError(msg)
 
 
-def use_current_evaluator(checkpoint: dict[str, Any], model: nn.Module) -> None:
-    """Replace the checkpoint's evaluator entries by those of ``model``'s current evaluator, in place.
+def use_current_evaluator(checkpoint: dict[str, Any], evaluator: nn.Module | None) -> None:
+    """Replace the checkpoint's evaluator entries by those of the model's current ``evaluator``, in place.
 
     Call it from ``on_load_checkpoint``. Without it, a strict load fails as soon as the metrics differ
     from those the checkpoint was trained with ("Missing key(s) in state_dict:
@@ -117,10 +121,9 @@ def use_current_evaluator(checkpoint: dict[str, Any], model: nn.Module) -> None:
 
     Example:
         >>> from anomalib.metrics import AUPRO, Evaluator
-        >>> model = nn.Module()
-        >>> model.evaluator = Evaluator(test_metrics=[AUPRO(fields=["anomaly_map", "gt_mask"])])
+        >>> evaluator = Evaluator(test_metrics=[AUPRO(fields=["anomaly_map", "gt_mask"])])
         >>> checkpoint = {"state_dict": {"evaluator.test_metrics.0.old": 1}}
-        >>> use_current_evaluator(checkpoint, model)
+        >>> use_current_evaluator(checkpoint, evaluator)
         >>> sorted(checkpoint["state_dict"])
         ['evaluator.test_metrics.0.fpr_limit']
     """
@@ -129,7 +132,6 @@ def use_current_evaluator(checkpoint: dict[str, Any], model: nn.Module) -> None:
         return
     for key in [key for key in state if key.startswith(EVALUATOR_PREFIX)]:
         del state[key]
-    evaluator = getattr(model, "evaluator", None)
     if isinstance(evaluator, nn.Module):
         state.update({EVALUATOR_PREFIX + key: value for key, value in evaluator.state_dict().items()})
 
@@ -139,7 +141,6 @@ __all__ = [
     "ARCHITECTURE_SETTINGS",
     "CheckpointMismatchError",
     "check_checkpoint_compatible",
-    "model_architecture",
     "record_architecture",
     "use_current_evaluator",
 ]

@@ -17,34 +17,24 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from anomalib import LearningType
-from anomalib.data import InferenceBatch
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
-from anomalib.pre_processing.utils.spec import transform_to_spec
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .checkpoint_compat import check_checkpoint_compatible, record_architecture, use_current_evaluator
-from .data_checks import DataChecks
-from .export import TransformerStudentExportMixin
-from .feature_cache import (
-    CACHE_DTYPES,
-    TeacherFeatureCache,
-    default_cache_dir,
-    ensure_writable,
-    feature_fingerprint,
-    image_key,
-    weights_digest,
-)
-from .numerics import check_finite_features
-from .original_resolution import OriginalSizePreProcessor, square_resize_transform
-from .rng_state import capture_rng_state, restore_rng_state
+from ..deploy.export import TransformerStudentExportMixin
+from ..training.checkpoint_compat import check_checkpoint_compatible, record_architecture, use_current_evaluator
+from ..training.data_checks import DataChecks
+from ..training.finite_features import check_finite_features
+from ..training.rng_state import capture_rng_state, restore_rng_state
+from ..training.teacher_weights import teacher_state_dict
+from ..training.training_features import TrainingFeatures, pre_processing_spec
+from .pre_processing import OriginalSizePreProcessor, evaluation_input, square_resize_transform
 from .teacher import DEFAULT_LAYERS, DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
-from .teacher_weights import teacher_state_dict
 from .torch_model import TransformerStudentModel
 
 if TYPE_CHECKING:
-    from anomalib.data import Batch
+    from anomalib.data import Batch, InferenceBatch
     from anomalib.metrics import Evaluator
     from anomalib.post_processing import PostProcessor
     from anomalib.visualization import Visualizer
@@ -102,7 +92,8 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         full_resolution_maps: At validation, test and predict, return each anomaly map at its
             image's original size (upsampled to the square-padded original size, padding
             cropped away), with ``gt_mask`` left at full resolution, as the paper evaluates.
-            Needs the default pre-processor. Exported models return the map at the input's size.
+            Applies to the default pre-processor; with a custom one, maps come at the size it
+            gives, in evaluation and in exported models alike.
         teacher_precision: ``"float32"`` (default), or ``"float16"``/``"bfloat16"`` to run the
             teacher under autocast on CUDA; other devices always run float32.
         skip_corrupt_images: Drop images (and masks) that cannot be decoded, with one warning
@@ -151,14 +142,15 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.teacher_name = teacher
-        self.pretrained = pretrained
         if teacher_weights is not None and not pretrained:
             msg = f"teacher_weights='{teacher_weights}' conflicts with pretrained=False; drop one of them."
             raise ValueError(msg)
+        self.teacher_name = teacher
+        self.pretrained = pretrained
         self.teacher_weights = None if teacher_weights is None else str(teacher_weights)
         self.lr = lr
         self.max_epochs = max_epochs
+        self.skip_corrupt_images = skip_corrupt_images
         feature_extractor = TeacherFeatureExtractor(create_backbone(teacher), layers, image_size)
         if not pretrained:
             logger.warning(
@@ -173,19 +165,10 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps)
         elif full_resolution_maps and pre_processor is not False:
             logger.info(
-                "full_resolution_maps needs the default pre-processor; with a custom one, maps come at the "
-                "size the pre-processor gives (exported models still return them at the input's size)."
+                "full_resolution_maps applies to the default pre-processor; with a custom one, maps come at the "
+                "size the pre-processor gives, in evaluation and in exported models alike."
             )
-        if cache_dtype not in CACHE_DTYPES:
-            msg = f"cache_dtype must be one of {list(CACHE_DTYPES)}, got '{cache_dtype}'."
-            raise ValueError(msg)
-        self.feature_cache = feature_cache
-        self.cache_dir = cache_dir
-        self.cache_dtype = cache_dtype
-        self.cache_memory_budget_mb = cache_memory_budget_mb
-        self.full_resolution_maps = full_resolution_maps
-        self.skip_corrupt_images = skip_corrupt_images
-        self._feature_cache: TeacherFeatureCache | None = None
+        self.training_features = TrainingFeatures(feature_cache, cache_dir, cache_dtype, cache_memory_budget_mb)
 
     @classmethod
     def configure_pre_processor(
@@ -205,10 +188,16 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         checks = DataChecks(self.skip_corrupt_images, input_size=teacher.image_size, patch_size=teacher.patch_size)
         return [*super().configure_callbacks(), checks]
 
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """What the saved weights mean: the teacher's name, its two blocks (non-negative) and the input size."""
+        teacher = self.model.teacher
+        return {"teacher": self.teacher_name, "layers": list(teacher.layers), "image_size": teacher.image_size}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also record the architecture (checked on load) and the random generators' state (restored on resume)."""
         super().on_save_checkpoint(checkpoint)
-        record_architecture(checkpoint, self)
+        record_architecture(checkpoint, self.architecture)
         checkpoint["rng_state"] = capture_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -217,34 +206,23 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         Refuse one of another teacher, layers or size; keep this model's metrics (evaluator); when resuming a
         fit, restore the random generators.
         """
-        check_checkpoint_compatible(checkpoint, self)
-        use_current_evaluator(checkpoint, self)
+        check_checkpoint_compatible(checkpoint, self.architecture, self.model.teacher.depth)
+        use_current_evaluator(checkpoint, self.evaluator)
         super().on_load_checkpoint(checkpoint)
         if "rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             restore_rng_state(checkpoint["rng_state"])
 
     def load_teacher_weights(self) -> None:
-        """Fetch and load the teacher's pretrained weights unless the teacher already holds them."""
+        """Fetch and load the teacher's pretrained weights unless the teacher already holds them.
+
+        Runs when a stage starts, after any checkpoint restore, so that a checkpoint (which holds
+        the teacher) loads offline.
+        """
         teacher = self.model.teacher
-        if bool(teacher.weights_loaded):
-            return
-        teacher.load_backbone_state_dict(teacher_state_dict(self.teacher_name, self.teacher_weights))
+        if not bool(teacher.weights_loaded):
+            teacher.load_backbone_state_dict(teacher_state_dict(self.teacher_name, self.teacher_weights))
 
-    def on_fit_start(self) -> None:
-        """Load the teacher's weights before the first batch (after any checkpoint restore)."""
-        self.load_teacher_weights()
-
-    def on_validation_start(self) -> None:
-        """Load the teacher's weights before validating an untrained model."""
-        self.load_teacher_weights()
-
-    def on_test_start(self) -> None:
-        """Load the teacher's weights before testing an untrained model."""
-        self.load_teacher_weights()
-
-    def on_predict_start(self) -> None:
-        """Load the teacher's weights before predicting with an untrained model."""
-        self.load_teacher_weights()
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = load_teacher_weights
 
     @property
     def learning_type(self) -> LearningType:
@@ -266,15 +244,27 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         students = chain(self.model.forward_student.parameters(), self.model.backward_student.parameters())
         return torch.optim.Adam(students, lr=self.lr, fused=self.device.type in {"cpu", "cuda"})
 
+    @property
+    def feature_identity(self) -> dict[str, Any]:
+        """Everything but the weights that shapes the teacher's features of an image (for the cache's key)."""
+        return {
+            **self.architecture,
+            "pre_processing": pre_processing_spec(self.pre_processor),
+            "teacher_precision": self.model.teacher_precision,
+        }
+
+    def on_train_start(self) -> None:
+        """Open the teacher-feature cache once the teacher holds its weights (see ``feature_cache``)."""
+        self.training_features.open(self.trainer, self.model.teacher, self.feature_identity)
+
+    def on_train_end(self) -> None:
+        """Report and release the teacher-feature cache; its disk part stays for later runs."""
+        self.training_features.close(self.global_rank)
+
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
         """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on)."""
         del args, kwargs
-        if self._feature_cache is None:
-            shallow, deep = self.model.teacher_features(batch.image)
-        else:
-            paths = batch.image_path or [None] * len(batch.image)
-            keys = [None if path is None else image_key(path) for path in paths]
-            shallow, deep = self._feature_cache.tokens(keys, batch.image, self.model.teacher_features)
+        shallow, deep = self.training_features.tokens(batch.image, batch.image_path, self.model.teacher_features)
         if batch_idx == 0:  # one check per epoch: NaN from a broken teacher must not train for 50 epochs
             check_finite_features(
                 shallow,
@@ -289,103 +279,20 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         return {"loss": loss}
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Anomaly maps and scores for validation images."""
+        """Anomaly maps (at the original size with ``full_resolution_maps``) and scores of evaluation images."""
         del args, kwargs
-        return batch.update(**self._predict(batch)._asdict())
+        return batch.update(**self._predict(batch.image)._asdict())
 
-    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Anomaly maps (at the original size with ``full_resolution_maps``) and scores for test images."""
-        del args, kwargs
-        return batch.update(**self._predict(batch)._asdict())
+    test_step = predict_step = validation_step
 
-    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Anomaly maps (at the original size with ``full_resolution_maps``) and scores."""
-        del args, kwargs
-        return batch.update(**self._predict(batch)._asdict())
-
-    def _predict(self, batch: Batch) -> InferenceBatch:
-        """Predictions for an evaluation batch, which stays at its original size with our pre-processor."""
-        pre_processor = self.pre_processor
-        if isinstance(pre_processor, OriginalSizePreProcessor) and pre_processor.keep_original_size:
-            images = pre_processor.transform(batch.image) if pre_processor.transform else batch.image
-            return self.model(images, original_size=tuple(batch.image.shape[-2:]))
-        return self.model(batch.image)
+    def _predict(self, images: torch.Tensor) -> InferenceBatch:
+        """Predictions for evaluation images as the steps receive them (after the pre-processor's hooks)."""
+        model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
+        return self.model(model_input, **placement)
 
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
-        """Pre-process, predict and post-process raw images, as exported models do.
-
-        With ``full_resolution_maps`` the map comes back at the input's size.
-        """
+        """Pre-process, predict and post-process raw images, as exported models do."""
         del args, kwargs
-        images = self.pre_processor(batch) if self.pre_processor else batch
-        original_size = tuple(batch.shape[-2:]) if self.full_resolution_maps else None
-        predictions = self.model(images, original_size=original_size)
+        model_input, placement = evaluation_input(self.pre_processor, batch, pre_processed=False)
+        predictions = self.model(model_input, **placement)
         return self.post_processor(predictions) if self.post_processor else predictions
-
-    def on_train_start(self) -> None:
-        """Open the teacher-feature cache once the teacher holds its weights (see ``feature_cache``)."""
-        self._feature_cache = self._open_feature_cache()
-
-    def on_train_end(self) -> None:
-        """Report and release the teacher-feature cache; its disk part stays for later runs."""
-        if self._feature_cache is not None:
-            logger.info("Teacher-feature cache (rank %d): %s.", self.global_rank, self._feature_cache.summary())
-            self._feature_cache.close()
-            self._feature_cache = None
-
-    def _open_feature_cache(self) -> TeacherFeatureCache | None:
-        if self.feature_cache is False:
-            return None
-        augmentations = self._train_augmentations()
-        if augmentations is not None:
-            if self.feature_cache is None:
-                logger.info(
-                    "Teacher-feature cache off: training applies augmentation (%s), so the teacher's features "
-                    "change from epoch to epoch. Set feature_cache=True to cache the first version anyway.",
-                    augmentations,
-                )
-                return None
-            logger.warning(
-                "feature_cache=True with train-time augmentation (%s): each image's teacher features are "
-                "computed once, from its first augmented version, and reused in later epochs.",
-                augmentations,
-            )
-        directory = ensure_writable(self.cache_dir or default_cache_dir())
-        cache = TeacherFeatureCache(
-            directory,
-            self._feature_fingerprint(augmentations),
-            dtype=CACHE_DTYPES[self.cache_dtype],
-            memory_budget_mb=self.cache_memory_budget_mb,
-            name=f"rank{self.global_rank}",
-        )
-        logger.info("Teacher-feature cache on (%s, %s); disk part in %s.", self.cache_dtype, cache.summary(), directory)
-        return cache
-
-    def _feature_fingerprint(self, augmentations: object = None) -> str:
-        """Fingerprint of everything that shapes the teacher's features of a training image."""
-        teacher = self.model.teacher
-        transform = getattr(self.pre_processor, "transform", self.pre_processor)
-        try:
-            pre_processing = transform_to_spec(transform)
-        except ValueError:
-            pre_processing = repr(transform)
-        return feature_fingerprint(
-            {
-                "teacher": self.teacher_name,
-                "weights": weights_digest(teacher),
-                "layers": list(teacher.layers),
-                "image_size": teacher.image_size,
-                "pre_processing": pre_processing,
-                "teacher_precision": self.model.teacher_precision,
-                "cache_dtype": self.cache_dtype,
-                "augmentations": None if augmentations is None else repr(augmentations),
-            }
-        )
-
-    def _train_augmentations(self) -> object:
-        """The train-time augmentation of the datamodule (or of the training dataset), if any."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "train_augmentations"):
-            return datamodule.train_augmentations
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        return getattr(dataset, "augmentations", None)

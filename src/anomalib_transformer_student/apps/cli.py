@@ -5,7 +5,7 @@ A sub-command is a module with two functions, ``add_arguments(parser)`` and
 chosen sub-command's module is imported, so that one job's imports never slow down another.
 
 Example:
-    From a shell (``python -m anomalib_transformer_student.cli`` works as well)::
+    From a shell (``python -m anomalib_transformer_student.apps.cli`` works as well)::
 
         transformer-student demo --categories brick --epochs 3 --output demo_output
 """
@@ -24,7 +24,7 @@ class Command:
     """A sub-command: its name, one-line help and the module that implements it.
 
     Example:
-        >>> Command("demo", "Run the demo.", "anomalib_transformer_student.demo").name
+        >>> Command("demo", "Run the demo.", "anomalib_transformer_student.apps.demo").name
         'demo'
     """
 
@@ -37,12 +37,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "demo",
         "Train and test on a generated texture dataset; write metrics.json and predictions.png.",
-        "anomalib_transformer_student.demo",
+        "anomalib_transformer_student.apps.demo",
     ),
     Command(
         "evaluate",
         "Test trained checkpoints the paper's way: AUPRO by defect size (CSV, Markdown, PNG).",
-        "anomalib_transformer_student.evaluate",
+        "anomalib_transformer_student.apps.evaluate",
     ),
 )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .metrics import FPR_LIMITS, SUBSETS
+from ..metrics import FPR_LIMITS, SUBSETS
 
 
 @dataclass

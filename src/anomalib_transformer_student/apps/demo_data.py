@@ -135,9 +135,7 @@ def generate_demo_dataset(root: str | Path, spec: DemoDatasetSpec | None = None)
         texture = _texture(category)
         folder = root / category
         for index in range(spec.n_train):
-            _save(
-                _nominal_crop(texture, spec.image_size, rng), folder / "train" / "good" / f"{index:03d}.png"
-            )
+            _save(_nominal_crop(texture, spec.image_size, rng), folder / "train" / "good" / f"{index:03d}.png")
         for index in range(spec.n_test_good):
             _save(_nominal_crop(texture, spec.image_size, rng), folder / "test" / "good" / f"{index:03d}.png")
         for kind in DEFECT_TYPES:

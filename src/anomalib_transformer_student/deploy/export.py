@@ -3,14 +3,15 @@
 anomalib exports every model the same way (``to_torch``, ``to_onnx``, ``to_openvino``; the
 graph holds pre-processing, model and post-processing). This model adds:
 
-- Checks before any export work: ``input_size`` is given and on the teacher's patch grid; a
-  calibrated compression (``INT8_PTQ``, ``INT8_ACQ``) has a datamodule and a validated model.
+- Checks before any export work: ``input_size`` is given and the pre-processing turns it into
+  the teacher's input (any size does with the default pre-processor, which pads and resizes);
+  ``INT8_PTQ`` has a datamodule and a validated model; ``INT8_ACQ`` is refused.
 - A model never validated has no normalisation statistics or thresholds. As in anomalib it
   still exports, returning raw scores; a warning says so. A teacher whose pretrained weights
   were never loaded gets them first, as before testing or predicting.
 - ONNX opset 18 by default, the oldest that torch's exporter implements (anomalib asks for 14,
   which goes through a version converter that fails on this graph and keeps opset 18 anyway).
-- INT8 compression of the teacher only. The students are tiny, and the discrepancy maths and
+- INT8 compression of the teacher only (``INT8``, ``INT8_PTQ``). The students are tiny, and the discrepancy maths and
   the map smoothing turn small differences of normalised features into the anomaly map:
   quantised, they lose the signal (image AUROC falls to chance). Nodes are told apart by the
   module scope that the ONNX exporter records on each.
@@ -19,6 +20,12 @@ graph holds pre-processing, model and post-processing). This model adds:
   keeps the attention products in float: quantised, they miss OpenVINO's fused attention kernel,
   and at 1036 px (5,476 tokens) a CPU without INT8 dot-product units ran them slower than FP32 and
   with four times its peak memory (``benchmarks/inference_speed.py --variants ov-int8-ptq-attention``).
+- ``INT8_ACQ`` (anomalib's accuracy-controlled quantisation) is refused before any work: anomalib
+  quantises the whole graph there, students included, and calibrates on images at their
+  original size, which a fixed-size graph does not take.
+
+The mixin reads its host only through ``model.teacher.image_size``, ``pre_processor``,
+``post_processor`` and ``load_teacher_weights()``; it imports nothing of the model.
 """
 
 from __future__ import annotations
@@ -43,36 +50,54 @@ logger = logging.getLogger(__name__)
 ONNX_OPSET = 18
 TEACHER_SCOPE = "model.teacher"
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-CALIBRATED_COMPRESSION = (CompressionType.INT8_PTQ, CompressionType.INT8_ACQ)
+CALIBRATED_COMPRESSION = (CompressionType.INT8_PTQ,)
+REFUSED_COMPRESSION = {
+    CompressionType.INT8_ACQ: (
+        "anomalib's accuracy-controlled quantisation would quantise the whole graph, students included, which "
+        "loses the anomaly signal; use INT8_PTQ (calibrated, teacher only) or INT8 (weights of the teacher only)"
+    ),
+}
 RECOMMENDED_CALIBRATION_IMAGES = 300
 
 
-def check_input_size(input_size: Sequence[int] | None, patch_size: int) -> None:
-    """Raise a ``ValueError`` unless ``input_size`` is two positive multiples of ``patch_size``.
+def check_input_size(input_size: Sequence[int] | None, pre_processor: nn.Module | None, teacher_side: int) -> None:
+    """Raise a ``ValueError`` unless pre-processing turns ``input_size`` into the teacher's input size.
+
+    With the default pre-processor (square padding and resizing in the graph) any size works; without
+    resizing, the input must already be ``teacher_side`` square.
 
     Raises:
-        ValueError: If ``input_size`` is missing, not ``(height, width)`` or off the patch grid; the
-            message names the nearest valid sides.
+        ValueError: If ``input_size`` is missing, not two positive sides, or pre-processed to another size
+            than the teacher takes; the message names the size that works.
     """
     if input_size is None:
         msg = (
             "TransformerStudent exports with a fixed input size: pass input_size=(height, width) "
-            '(CLI: --input_size "[1036,1036]"), the size of the images the deployed model receives.'
+            '(CLI: --input_size "[2048,2448]"), the size of the images the deployed model receives.'
         )
         raise ValueError(msg)
-    if len(input_size) != 2:
-        msg = f"input_size must be (height, width), got {list(input_size)}."
+    if len(input_size) != 2 or any(int(side) < 1 for side in input_size):
+        msg = f"input_size must be two positive sides (height, width), got {list(input_size)}."
         raise ValueError(msg)
-    invalid = [int(side) for side in input_size if int(side) < patch_size or int(side) % patch_size]
-    if invalid:
-        nearest = sorted(
-            {max(patch_size, side // patch_size * patch_size) for side in invalid}
-            | {(side // patch_size + 1) * patch_size for side in invalid}
-        )
+    sample = torch.zeros(1, 3, *(int(side) for side in input_size))
+    pre_processed = tuple(pre_processor(sample).shape[-2:]) if pre_processor else tuple(sample.shape[-2:])
+    if pre_processed != (teacher_side, teacher_side):
         msg = (
-            f"input_size {list(input_size)} must be positive multiples of the teacher's patch size "
-            f"{patch_size}; nearest valid sides: {nearest}."
+            f"input_size {list(input_size)} reaches the teacher as {list(pre_processed)}, but the teacher takes "
+            f"{teacher_side} x {teacher_side}: export with input_size=({teacher_side}, {teacher_side}), or use a "
+            "pre-processor that resizes (the default one pads and resizes any size)."
         )
+        raise ValueError(msg)
+
+
+def check_compression(compression_type: CompressionType | str | None) -> None:
+    """Raise a ``ValueError`` for a compression this model refuses (``INT8_ACQ``), naming the alternatives."""
+    if compression_type is None:
+        return
+    compression = CompressionType(compression_type)
+    if compression in REFUSED_COMPRESSION:
+        reason = REFUSED_COMPRESSION[compression]
+        msg = f"compression_type {compression.name} is not supported for TransformerStudent: {reason}."
         raise ValueError(msg)
 
 
@@ -90,7 +115,7 @@ def check_calibration(
     """Raise a ``ValueError`` if a calibrated compression lacks data or a validated model.
 
     Raises:
-        ValueError: If ``INT8_PTQ``/``INT8_ACQ`` is asked without a datamodule, or for a model whose
+        ValueError: If ``INT8_PTQ`` is asked without a datamodule, or for a model whose
             post-processor has no normalisation statistics (unset, they are NaN constants in the graph,
             and OpenVINO's CPU plugin cannot compile the quantised graph).
     """
@@ -148,8 +173,8 @@ def calibration_images(batch: Batch, size: tuple[int, int]) -> torch.Tensor:
 class TransformerStudentExportMixin:
     """Export checks and INT8 policy around anomalib's ``ExportMixin``; list it before ``AnomalibModule``.
 
-    The host provides ``model`` (with ``model.teacher.patch_size``), ``post_processor`` and
-    ``load_teacher_weights()``.
+    The host provides ``model`` (with ``model.teacher.image_size``), ``pre_processor``, ``post_processor``
+    and ``load_teacher_weights()``.
 
     Example:
         >>> class Model(TransformerStudentExportMixin, AnomalibModule): ...  # doctest: +SKIP
@@ -157,6 +182,7 @@ class TransformerStudentExportMixin:
     """
 
     model: nn.Module
+    pre_processor: nn.Module | None
     post_processor: nn.Module | None
     load_teacher_weights: Callable[[], None]
     _non_teacher_nodes: frozenset[str] = frozenset()
@@ -186,12 +212,12 @@ class TransformerStudentExportMixin:
         input_size: tuple[int, int] | None = None,
         **kwargs: Any,  # passthrough to torch.onnx.export
     ) -> Path:
-        """Run anomalib's ``to_onnx`` (opset 18 unless given) once ``input_size`` fits the patch grid.
+        """Run anomalib's ``to_onnx`` (opset 18 unless given) once ``input_size`` is checked.
 
         Raises:
-            ValueError: If ``input_size`` is missing or not a multiple of the teacher's patch size.
+            ValueError: If ``input_size`` is missing or does not reach the teacher at its input size.
         """
-        check_input_size(input_size, self.model.teacher.patch_size)
+        check_input_size(input_size, self.pre_processor, self.model.teacher.image_size)
         self._prepare_export()
         kwargs.setdefault("opset_version", ONNX_OPSET)
         onnx_path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
@@ -210,10 +236,11 @@ class TransformerStudentExportMixin:
         """Run anomalib's ``to_openvino`` once the input size and any calibration needs are checked.
 
         Raises:
-            ValueError: If ``input_size`` is missing or off the patch grid, or ``INT8_PTQ``/``INT8_ACQ``
-                lacks a datamodule or a validated model.
+            ValueError: If ``input_size`` is missing or does not reach the teacher at its input size, the
+                compression is ``INT8_ACQ``, or ``INT8_PTQ`` lacks a datamodule or a validated model.
         """
-        check_input_size(input_size, self.model.teacher.patch_size)
+        check_compression(compression_type)
+        check_input_size(input_size, self.pre_processor, self.model.teacher.image_size)
         check_calibration(compression_type, datamodule, self.post_processor)
         return super().to_openvino(  # type: ignore[misc]
             export_root, model_file_name, input_size, compression_type, datamodule, **kwargs

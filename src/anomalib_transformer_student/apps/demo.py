@@ -1,7 +1,7 @@
 """The demo job: generate a small texture dataset, train and test per category, write a report.
 
 ``transformer-student demo`` builds an MVTec-AD-layout dataset from photographs shipped with
-scikit-image (see :mod:`anomalib_transformer_student.demo_data`), trains and tests a
+scikit-image (see :mod:`anomalib_transformer_student.apps.demo_data`), trains and tests a
 :class:`~anomalib_transformer_student.TransformerStudent` per category with anomalib's
 ``Engine``, and writes ``metrics.json`` and ``predictions.png`` to the output folder.
 
@@ -32,11 +32,11 @@ from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from lightning.pytorch import seed_everything
 
-from . import teacher_weights
+from ..model import TransformerStudent
+from ..model.teacher import DEFAULT_TEACHER, check_image_size, create_backbone
+from ..training import teacher_weights
 from .demo_data import TEXTURES, DemoDatasetSpec, generate_demo_dataset
-from .lightning_model import TransformerStudent
 from .report import GridSample, format_metrics_table, save_prediction_grid, write_metrics_json
-from .teacher import DEFAULT_TEACHER, check_image_size, create_backbone
 
 DEFAULT_DATA_ROOT = Path("datasets/transformer_student_demo")
 DEFAULT_OUTPUT = Path("demo_output")
@@ -112,7 +112,7 @@ def resolve_teacher(name: str, use_pretrained: bool) -> TeacherChoice:
     """Fetch the pretrained weights of ``name`` if wanted and available, else choose random weights.
 
     Decides within a few seconds when the Hub is unreachable (see
-    :func:`~anomalib_transformer_student.teacher_weights.pretrained_weights_available`).
+    :func:`~anomalib_transformer_student.training.teacher_weights.pretrained_weights_available`).
     """
     if not use_pretrained:
         return TeacherChoice(

@@ -46,7 +46,7 @@ class TransformerStudentModel(nn.Module):
             autocast on CUDA (its tokens come back as float32; other devices keep float32).
 
     Example:
-        >>> from anomalib_transformer_student.teacher import TeacherFeatureExtractor, create_backbone
+        >>> from anomalib_transformer_student.model.teacher import TeacherFeatureExtractor, create_backbone
         >>> teacher = TeacherFeatureExtractor(create_backbone("vit_small_patch14_dinov2"), (7, 11), 112)
         >>> model = TransformerStudentModel(teacher).eval()
         >>> output = model(torch.randn(2, 3, 112, 112))
@@ -97,24 +97,32 @@ class TransformerStudentModel(nn.Module):
         return shallow.float(), deep.float()
 
     def forward(
-        self, images: torch.Tensor, original_size: tuple[int, int] | None = None
+        self,
+        images: torch.Tensor,
+        original_size: tuple[int, int] | None = None,
+        square_padded: bool = True,
     ) -> torch.Tensor | InferenceBatch:
         """Loss in training mode, ``InferenceBatch(pred_score, anomaly_map)`` in eval mode.
 
         Args:
             images: Pre-processed images ``(B, 3, S, S)``.
-            original_size: In eval mode, the ``(height, width)`` the images had before square
-                padding and resizing: the map is then upsampled to the padded original size,
-                blurred there and cropped back to ``original_size`` (the paper's evaluation).
-                ``None`` returns the map at the input's size.
+            original_size: In eval mode, the ``(height, width)`` the images had before
+                pre-processing: the map is returned at that size. ``None`` returns it at the
+                input's size.
+            square_padded: Whether the pre-processing padded the images to a square before
+                resizing them: the map is then upsampled to the padded original size, smoothed
+                there and cropped back to ``original_size`` (the paper's evaluation); else it is
+                upsampled to ``original_size`` directly.
         """
         shallow, deep = self.teacher_features(images)
         if self.training:
             return self.student_loss(shallow, deep)
-        output_size = tuple(images.shape[-2:])
-        if original_size is not None:
+        output_size, window = tuple(images.shape[-2:]), None
+        if original_size is not None and square_padded:
             side = square_padding(original_size)[0]
-            output_size = (side, side)
+            output_size, window = (side, side), original_size
+        elif original_size is not None:
+            output_size = original_size
         anomaly_map, pred_score = self.anomaly_map_generator(
             shallow=shallow,
             deep=deep,
@@ -122,6 +130,6 @@ class TransformerStudentModel(nn.Module):
             predicted_deep=self.forward_student(shallow),
             grid_size=self.teacher.grid_size,
             output_size=output_size,
-            original_size=original_size,
+            original_size=window,
         )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
