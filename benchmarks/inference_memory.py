@@ -17,7 +17,6 @@ Usage::
 import argparse
 import gc
 import logging
-import multiprocessing
 import os
 import tempfile
 import time
@@ -25,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import psutil
+from common import generate_demo_data, in_fresh_process
 
 MAX_GROWTH = 0.05
 
@@ -36,10 +36,8 @@ def prepare(workdir: Path, image_size: int, teacher: str, pretrained: bool) -> t
     from anomalib.engine import Engine
 
     from anomalib_transformer_student import TransformerStudent
-    from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
-    spec = DemoDatasetSpec(categories=("brick",), image_size=image_size, n_train=8, n_test_good=10, n_test_per_defect=4)
-    root = generate_demo_dataset(workdir / "data", spec)
+    root = generate_demo_data(workdir / "data", image_size=image_size, n_train=8, n_test_good=10, n_test_per_defect=4)
     datamodule = MVTecAD(root=root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
     model = TransformerStudent(teacher=teacher, pretrained=pretrained, image_size=image_size, feature_cache=False)
     engine = Engine(max_epochs=1, default_root_dir=workdir / "results", logger=False, enable_progress_bar=False)
@@ -93,11 +91,10 @@ def main() -> None:
         workdir = (args.workdir or Path(temporary)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         torch_model, openvino_model, images = prepare(workdir, args.image_size, args.teacher, args.pretrained)
-        context = multiprocessing.get_context("spawn")
-        results = []
-        for backend, path in (("torch", torch_model), ("openvino", openvino_model)):
-            with context.Pool(1) as pool:
-                results.append(pool.apply(measure, (backend, path, images, args.images, args.every, workdir)))
+        results = [
+            in_fresh_process(measure, backend, path, images, args.images, args.every, workdir)
+            for backend, path in (("torch", torch_model), ("openvino", openvino_model))
+        ]
 
     print(f"\n{args.teacher}, {args.image_size} px, {args.images} images, RSS in MiB after every {args.every}:")
     print(f"{'images':>8} " + " ".join(f"{result['backend']:>10}" for result in results))

@@ -34,16 +34,23 @@ import argparse
 import logging
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from common import (
+    build_l2bt,
+    generate_demo_data,
+    in_fresh_process,
+    markdown_row,
+    markdown_rule,
+    peak_cuda_mib,
+    peak_rss_mib,
+    time_runs,
+)
 
 CPU_VARIANTS = ("torch", "l2bt", "ov-fp32", "ov-fp16", "ov-int8", "ov-int8-ptq")
 # Not in the default set: INT8 PTQ with the attention products quantised too (NNCF's transformer default).
@@ -102,55 +109,6 @@ def build_ours(teacher: str, size: int) -> torch.nn.Module:
     return model.eval()
 
 
-def build_l2bt(size: int) -> torch.nn.Module:
-    """Build anomalib's L2BT with a random teacher and its pre-processor at ``size``, in eval mode.
-
-    L2BT always asks timm for pretrained weights; the same architecture with random ones needs no download.
-    """
-    from anomalib.models.image import L2BT
-    from anomalib.models.image.l2bt import teacher as l2bt_teacher
-
-    extractor = l2bt_teacher.TimmFeatureExtractor
-
-    def random_weights_extractor(*args: object, **kwargs: object) -> torch.nn.Module:
-        return extractor(*args, **{**kwargs, "pre_trained": False})
-
-    l2bt_teacher.TimmFeatureExtractor = random_weights_extractor
-    try:
-        model = L2BT(pre_processor=L2BT.configure_pre_processor((size, size)), visualizer=False)
-    finally:
-        l2bt_teacher.TimmFeatureExtractor = extractor
-    return model.eval()
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set of this process in MiB.
-
-    Linux's ``VmHWM`` is this program's own; ``ru_maxrss`` would carry the parent's peak over ``exec``.
-    """
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(line.split()[1]) / 2**10
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
-
-
-def time_runs(run: object, warmup: int, runs: int, synchronize: object = None) -> list[float]:
-    """Seconds of each of ``runs`` calls of ``run`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        if synchronize:
-            synchronize()
-        start = time.perf_counter()
-        run()
-        if synchronize:
-            synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def hook_parts(model: torch.nn.Module, seconds: dict[str, float]) -> None:
     """Add the time spent in each part of ``model`` (see ``PARTS``) to ``seconds`` on every forward."""
     for name, part in PARTS.items():
@@ -173,7 +131,8 @@ def measure_torch(variant: str, teacher: str, size: int, warmup: int, runs: int,
         torch.set_num_threads(threads)
     cuda = "cuda" in variant
     device = torch.device("cuda" if cuda else "cpu")
-    model = (build_l2bt(size) if variant.startswith("l2bt") else build_ours(teacher, size)).to(device)
+    l2bt = variant.startswith("l2bt")
+    model = (build_l2bt(size, visualizer=False).eval() if l2bt else build_ours(teacher, size)).to(device)
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     parts: dict[str, float] = {}
     if variant == "torch":
@@ -187,7 +146,7 @@ def measure_torch(variant: str, teacher: str, size: int, warmup: int, runs: int,
     time_runs(run, warmup, 0, synchronize)
     parts.clear()  # shares of the timed runs only
     times = time_runs(run, 0, runs, synchronize)
-    memory = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
+    memory = peak_cuda_mib() if cuda else peak_rss_mib()
     return {"times": times, "memory": memory, "parts": {part: s / sum(times) for part, s in parts.items()}}
 
 
@@ -200,7 +159,7 @@ def measure_paired(teacher: str, size: int, warmup: int, runs: int, threads: int
     """
     if threads:
         torch.set_num_threads(threads)
-    models = {"torch": build_ours(teacher, size), "l2bt": build_l2bt(size)}
+    models = {"torch": build_ours(teacher, size), "l2bt": build_l2bt(size, visualizer=False).eval()}
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     times: dict[str, dict[str, list[float]]] = {kind: {name: [] for name in models} for kind in TIMED_PARTS}
 
@@ -274,13 +233,8 @@ def calibration_data(root: Path, size: int) -> object:
     """A datamodule of generated images at ``size`` for INT8 post-training quantisation."""
     from anomalib.data import MVTecAD
 
-    from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
-
     # anomalib's MVTecAD validates on half of the test images, which calibrate the quantisation.
-    spec = DemoDatasetSpec(
-        categories=("brick",), image_size=size, n_train=1, n_test_good=CALIBRATION_IMAGES, n_test_per_defect=1
-    )
-    generate_demo_dataset(root, spec)
+    generate_demo_data(root, image_size=size, n_train=1, n_test_good=CALIBRATION_IMAGES, n_test_per_defect=1)
     return MVTecAD(root=root, category="brick", num_workers=0, eval_batch_size=1)
 
 
@@ -311,12 +265,6 @@ def export_all(teacher: str, size: int, variants: list[str], root: Path) -> tupl
 def directory_mib(directory: Path) -> float:
     """Size of the files in ``directory`` in MiB."""
     return sum(file.stat().st_size for file in directory.iterdir() if file.is_file()) / 2**20
-
-
-def in_fresh_process(function: object, *args: object) -> dict:
-    """Run ``function(*args)`` in a new process, so that its peak memory is its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
 
 
 def parameter_counts(teacher: str, size: int) -> tuple[int, int, int]:
@@ -407,31 +355,33 @@ def main() -> None:
 
 def print_tables(sizes: list[int], variants: list[str], results: dict, exports: dict) -> None:
     """Markdown tables: speed and memory, exports, shares of time, and the goals' ratios."""
-    print("\n| size | variant | latency (ms) | images/s | peak memory (MiB) |")
-    print("|---:|---|---:|---:|---:|")
+    print("\n" + markdown_row(["size", "variant", "latency (ms)", "images/s", "peak memory (MiB)"]))
+    print(markdown_rule("rlrrr"))
     for size in sizes:
         for variant in variants:
             median = statistics.median(results[size, variant]["times"])
             memory = results[size, variant]["memory"]
-            print(f"| {size} | {LABELS[variant]} | {median * 1e3:.0f} | {1 / median:.2f} | {memory:.0f} |")
+            print(
+                markdown_row([str(size), LABELS[variant], f"{median * 1e3:.0f}", f"{1 / median:.2f}", f"{memory:.0f}"])
+            )
 
-    print("\n| size | export | export time (s) | size on disk (MiB) |")
-    print("|---:|---|---:|---:|")
+    print("\n" + markdown_row(["size", "export", "export time (s)", "size on disk (MiB)"]))
+    print(markdown_rule("rlrr"))
     for size in sizes:
         for name, export in exports[size].items():
             label = "ONNX" if name == "onnx" else LABELS[name]
-            print(f"| {size} | {label} | {export['seconds']:.0f} | {export['mib']:.0f} |")
+            print(markdown_row([str(size), label, f"{export['seconds']:.0f}", f"{export['mib']:.0f}"]))
 
     names = ["pre-processing", "teacher", "students", "anomaly map", "post-processing", "other"]
-    print("\n| size | variant | " + " | ".join(names) + " |")
-    print("|---:|---|" + "---:|" * len(names))
+    print("\n" + markdown_row(["size", "variant", *names]))
+    print(markdown_rule("rl" + "r" * len(names)))
     for size in sizes:
         for variant in variants:
             parts = results[size, variant]["parts"]
             if parts:
                 other = max(0.0, 1 - sum(parts.values())) if variant == "torch" else parts.get("other", 0.0)
                 shares = [*(parts.get(name, 0.0) for name in names[:-1]), other]
-                print(f"| {size} | {LABELS[variant]} | " + " | ".join(f"{100 * s:.1f}%" for s in shares) + " |")
+                print(markdown_row([str(size), LABELS[variant], *(f"{100 * s:.1f}%" for s in shares)]))
 
     print()
     for size in sizes:

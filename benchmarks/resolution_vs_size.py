@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from common import generate_demo_data
 from lightning.pytorch import seed_everything
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 from anomalib_transformer_student.apps.evaluate import evaluate_checkpoint
 from anomalib_transformer_student.metrics import FPR_LIMITS, SUBSETS
 from anomalib_transformer_student.model.teacher import DEFAULT_TEACHER
@@ -49,13 +49,15 @@ def main() -> None:
     args = parse_args()
     pretrained = not args.no_pretrained and pretrained_weights_available(args.teacher)
     with tempfile.TemporaryDirectory() as workdir:
-        root = generate_demo_dataset(
+        root = generate_demo_data(
             Path(workdir) / "data",
-            DemoDatasetSpec(
-                categories=(args.category,), image_size=args.image_size, n_train=args.n_train,
-                n_test_good=args.n_test_per_defect, n_test_per_defect=args.n_test_per_defect, seed=args.seed,
-            ),
-        )  # fmt: skip
+            category=args.category,
+            image_size=args.image_size,
+            n_train=args.n_train,
+            n_test_good=args.n_test_per_defect,
+            n_test_per_defect=args.n_test_per_defect,
+            seed=args.seed,
+        )
         rows = []
         for size in args.sizes:
             seed_everything(args.seed)

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from common import markdown_row, markdown_rule
 from scipy import ndimage
 
 from anomalib_transformer_student.metrics.size_aupro import FPR_LIMITS, SUBSETS, SizeAUPRO
@@ -73,10 +74,10 @@ def main() -> None:
         f"| {update_s:.2f} | {compute_s:.2f} | {update_s + compute_s:.2f} |"
     )
     print()
-    print("| subset | " + " | ".join(f"FPR {limit:.2f}" for limit in FPR_LIMITS) + " |")
-    print("|---|" + "---:|" * len(FPR_LIMITS))
+    print(markdown_row(["subset", *(f"FPR {limit:.2f}" for limit in FPR_LIMITS)]))
+    print(markdown_rule("l" + "r" * len(FPR_LIMITS)))
     for name, row in zip(SUBSETS, table.tolist(), strict=True):
-        print(f"| {name} | " + " | ".join(f"{value:.4f}" for value in row) + " |")
+        print(markdown_row([name, *(f"{value:.4f}" for value in row)]))
     print(f"\nrobustness AUPRO(Q1)/AUPRO(Q4) at FPR 0.30: {float(robustness):.4f}")
 
     if args.anomalib:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,16 @@ import time
 from pathlib import Path
 
 import torch
+from common import (
+    build_l2bt,
+    generate_demo_data,
+    markdown_row,
+    markdown_rule,
+    peak_cuda_mib,
+    peak_rss_mib,
+    synchronize_cuda,
+    time_runs,
+)
 from torch.nn import functional
 
 DEFAULT_TEACHER = "vit_base_patch14_reg4_dinov2.lvd142m"
@@ -71,15 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process, and peak CUDA memory if used."""
-    peak = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = {"rss_mb": peak_rss_mib()}
     if torch.cuda.is_available():
-        peak["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        peak["cuda_mb"] = peak_cuda_mib()
     return peak
-
-
-def synchronise() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def build_model(name: str, args: argparse.Namespace, cache_dir: Path):
@@ -90,19 +94,7 @@ def build_model(name: str, args: argparse.Namespace, cache_dir: Path):
         return TransformerStudent(
             teacher=args.teacher, pretrained=False, image_size=args.image_size, cache_dir=str(cache_dir)
         )
-    import timm
-    from anomalib.models.image import L2BT
-    from anomalib.models.image.l2bt import teacher as l2bt_teacher
-
-    build_extractor = l2bt_teacher.TimmFeatureExtractor
-    architecture, _ = timm.models.split_model_name_tag(args.teacher)
-
-    def random_extractor(*extractor_args, **kwargs):
-        # L2BT always asks for the pretrained DINOv2-B; same architecture family, random weights, offline.
-        return build_extractor(*extractor_args, **{**kwargs, "backbone": architecture, "pre_trained": False})
-
-    l2bt_teacher.TimmFeatureExtractor = random_extractor
-    return L2BT(pre_processor=L2BT.configure_pre_processor((args.image_size, args.image_size)))
+    return build_l2bt(args.image_size, backbone=args.teacher)
 
 
 def train_worker(args: argparse.Namespace, workdir: Path) -> dict:
@@ -118,7 +110,7 @@ def train_worker(args: argparse.Namespace, workdir: Path) -> dict:
 
     class EpochClock(Callback):
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            synchronise()
+            synchronize_cuda()
             epoch_ends.append(time.perf_counter() - start[0])
 
     model = build_model(args.model, args, workdir / "cache")
@@ -145,21 +137,19 @@ def train_worker(args: argparse.Namespace, workdir: Path) -> dict:
     )
     start[0] = time.perf_counter()
     engine.fit(model, datamodule=datamodule)
-    synchronise()
+    synchronize_cuda()
     return {"epoch_ends": epoch_ends, "fit_s": time.perf_counter() - start[0], **peak_memory_mb()}
 
 
 def timed(function, repeats: int) -> tuple[float, object]:
     """Median seconds of ``function()`` over ``repeats`` runs after one warm-up, and its last result."""
-    result = function()
-    times = []
-    for _ in range(repeats):
-        synchronise()
-        begin = time.perf_counter()
-        result = function()
-        synchronise()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times), result
+    last: list[object] = []
+
+    def call() -> None:
+        last[:] = [function()]
+
+    times = time_runs(call, 1, repeats, synchronize_cuda)
+    return statistics.median(times), last[0]
 
 
 @torch.no_grad()
@@ -252,24 +242,25 @@ def print_training_table(results: dict[str, dict], args: argparse.Namespace) -> 
     header = ["epochs", *(f"{name} (s)" for name in models)]
     if len(models) == 2:
         header.append(f"{models[1]} / {models[0]}")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---:" for _ in header) + "|")
-    for epochs in sorted(args.epochs):
-        times = [results[name]["epoch_ends"][epochs - 1] for name in models]
-        row = [str(epochs), *(f"{seconds:.1f}" for seconds in times)]
+    print(markdown_row(header))
+    print(markdown_rule("r" * len(header)))
+
+    def print_row(label: str, times: list[float]) -> None:
+        """One row: each model's seconds, then the second's over the first's where there are two."""
+        row = [label, *(f"{seconds:.1f}" for seconds in times)]
         if len(models) == 2:
             row.append(f"{times[1] / times[0]:.1f}x")
-        print("| " + " | ".join(row) + " |")
+        print(markdown_row(row))
+
+    for epochs in sorted(args.epochs):
+        print_row(str(epochs), [results[name]["epoch_ends"][epochs - 1] for name in models])
     for epochs in args.project:
         # The first epoch (setup and teacher), then the mean of the later ones for each further epoch.
         times = []
         for name in models:
             ends = results[name]["epoch_ends"]
             times.append(ends[0] + (epochs - 1) * (ends[-1] - ends[0]) / max(1, len(ends) - 1))
-        row = [f"{epochs} (projected)", *(f"{seconds:.1f}" for seconds in times)]
-        if len(models) == 2:
-            row.append(f"{times[1] / times[0]:.1f}x")
-        print("| " + " | ".join(row) + " |")
+        print_row(f"{epochs} (projected)", times)
     print()
     for name in models:
         result = results[name]
@@ -287,8 +278,8 @@ def print_training_table(results: dict[str, dict], args: argparse.Namespace) -> 
 def print_inference_table(result: dict) -> None:
     print(f"\nOne evaluation forward of TransformerStudent, batch 1, on {result['device']} (median, ms)\n")
     sizes = list(result["inference"])
-    print("| part | " + " | ".join(f"original {size}" for size in sizes) + " |")
-    print("|---|" + "|".join("---:" for _ in sizes) + "|")
+    print(markdown_row(["part", *(f"original {size}" for size in sizes)]))
+    print(markdown_rule("l" + "r" * len(sizes)))
     parts = list(next(iter(result["inference"].values())))
     for part in parts:
         cells = []
@@ -297,7 +288,7 @@ def print_inference_table(result: dict) -> None:
             total = sum(seconds for name, seconds in row.items() if not name.startswith("reference"))
             share = row[part] / total * 100
             cells.append(f"{row[part] * 1000:.1f} ({share:.1f} %)")
-        print(f"| {part} | " + " | ".join(cells) + " |")
+        print(markdown_row([part, *cells]))
     print("\nShares are of pre-processing + teacher + students + map post-processing.")
 
 
@@ -309,18 +300,15 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(result))
         return
 
-    from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
-
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
-        spec = DemoDatasetSpec(
-            categories=("brick",),
+        generate_demo_data(
+            workdir / "data",
             image_size=args.data_size or args.image_size,
             n_train=args.images,
             n_test_good=1,
             n_test_per_defect=1,
         )
-        generate_demo_dataset(workdir / "data", spec)
         print("Command: python " + " ".join(sys.argv))
         results = {}
         for name in args.models:

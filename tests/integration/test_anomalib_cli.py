@@ -75,13 +75,9 @@ def test_predict_from_checkpoint(trained: Path, demo_root: Path, tmp_path: Path)
 
 
 def test_get_model_returns_our_class() -> None:
-    model = get_model(
-        "TransformerStudent", pretrained=False, teacher="vit_small_patch14_dinov2", image_size=112
-    )
+    model = get_model("TransformerStudent", pretrained=False, teacher="vit_small_patch14_dinov2", image_size=112)
     assert type(model) is TransformerStudent
-    by_config = get_model(
-        {"class_path": "TransformerStudent", "init_args": {"pretrained": False, "image_size": 56}}
-    )
+    by_config = get_model({"class_path": "TransformerStudent", "init_args": {"pretrained": False, "image_size": 56}})
     assert type(by_config) is TransformerStudent
     assert by_config.model.teacher.grid_size == (4, 4)
 

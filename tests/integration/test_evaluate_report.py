@@ -31,11 +31,13 @@ def checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return path
 
 
+@pytest.mark.parametrize("options", [[], ["--curve", "authors"]], ids=["exact", "authors"])
 def test_evaluate_prints_and_writes_the_report(
-    checkpoint: Path, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    options: list[str], checkpoint: Path, demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "report"
-    code = main(["evaluate", "--data-root", str(demo_root), "--ckpt", f"brick={checkpoint}", "--output", str(output)])
+    arguments = ["--data-root", str(demo_root), "--ckpt", f"brick={checkpoint}", "--output", str(output), *options]
+    code = main(["evaluate", *arguments])
     assert code == 0
     printed = capsys.readouterr().out
     assert "## brick" in printed and "| Q1 |" in printed and "image_AUROC" in printed
@@ -55,3 +57,5 @@ def test_evaluate_rejects_malformed_checkpoint_entries(demo_root: Path, tmp_path
         main(["evaluate", "--data-root", str(demo_root), "--ckpt", "no-separator"])
     with pytest.raises(FileNotFoundError, match="brick"):
         main(["evaluate", "--data-root", str(demo_root), "--ckpt", f"brick={tmp_path / 'missing.ckpt'}"])
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        main(["evaluate", "--data-root", str(demo_root), "--ckpt", "brick=model.ckpt", "--curve", "sampled"])

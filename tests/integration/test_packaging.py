@@ -18,9 +18,7 @@ HEAVY_MODULES = ("torch", "timm", "lightning", "anomalib")
 
 def import_times(python: str) -> dict[str, int]:
     """Cumulative import time in microseconds of each module imported by `python -X importtime -c pass`."""
-    result = subprocess.run(
-        [python, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([python, "-X", "importtime", "-c", "pass"], capture_output=True, text=True, check=True)
     times = {}
     for line in result.stderr.splitlines():
         match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|\s+(\S+)", line.strip())
@@ -75,9 +73,7 @@ def test_wheel_carries_the_hook(fresh_python: Path) -> None:
     assert str(REPO / "src") not in result.stdout, "the package came from the editable install, not the wheel"
 
 
-def test_fresh_environment_trains_with_short_name(
-    fresh_python: Path, demo_root: Path, tmp_path: Path
-) -> None:
+def test_fresh_environment_trains_with_short_name(fresh_python: Path, demo_root: Path, tmp_path: Path) -> None:
     result = run_cli(
         ["train", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, *data_args(demo_root),
          "--trainer.max_epochs", "1", "--default_root_dir", str(tmp_path / "results")],

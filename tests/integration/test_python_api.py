@@ -16,13 +16,9 @@ from ..helpers import SMALL_TEACHER
 
 
 @pytest.fixture(scope="module")
-def fitted(
-    demo_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Engine, TransformerStudent, MVTecAD]:
+def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, TransformerStudent, MVTecAD]:
     torch.manual_seed(0)
-    datamodule = MVTecAD(
-        root=demo_root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4
-    )
+    datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
     model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=112)
     engine = Engine(max_epochs=2, default_root_dir=tmp_path_factory.mktemp("api"), logger=False)
     engine.fit(model, datamodule=datamodule)

@@ -54,5 +54,3 @@ def test_cause_float16_overflow() -> None:
 def test_cause_weights_of_another_model() -> None:
     with pytest.raises(NonFiniteFeaturesError, match="do not suit this architecture"):
         check_finite_features(FINITE / 0, FINITE, teacher=torch.nn.Linear(2, 2), weights_source="/w.pth")
-
-

@@ -1,5 +1,6 @@
-"""Tests of the size-stratified AUPRO metric (known answers, anomalib parity, anomalib integration)."""
+"""Tests of the size-stratified AUPRO metric (known answers, anomalib and authors' parity, anomalib integration)."""
 
+from bisect import bisect_right
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -66,6 +67,38 @@ def reference_table(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
                 xs.append(limit)
                 ys.append(pro[i] + (pro[i + 1] - pro[i]) * (limit - fpr[i]) / (fpr[i + 1] - fpr[i]))
             table[row, col] = np.trapezoid(ys, xs) / limit
+    return table
+
+
+def authors_reference_table(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The authors' ``calculate_au_pro`` transcribed loop by loop: 99 thresholds over the sorted background,
+    rank FPR, overlap strictly above the threshold, the point (1, 1), their trapezoid with its correction."""
+    background, regions = [], []
+    for m, k in zip(maps, masks, strict=True):
+        labels, count = ndimage.label(k, structure=np.ones((3, 3), dtype=int))
+        background.extend(m[labels == 0])
+        regions.extend(np.sort(m[labels == r]) for r in range(1, count + 1))
+    background = np.sort(np.asarray(background, dtype=np.float64))
+    areas = [r.size for r in regions]
+    bounds = [np.quantile(areas, q) for q in (0.25, 0.5, 0.75)] + [max(areas)]
+    positions = np.linspace(0, background.size - 1, num=99, dtype=int)
+    table = np.empty((4, 4))
+    for row, bound in enumerate(bounds):
+        subset = [r for r in regions if 0 <= r.size <= bound]
+        fprs, pros = [1.0], [1.0]
+        for position in positions:
+            threshold = background[position]
+            fprs.append(1.0 - (position + 1) / background.size)
+            pros.append(sum(1.0 - np.count_nonzero(r <= threshold) / r.size for r in subset) / len(subset))
+        x, y = np.array(fprs[::-1]), np.array(pros[::-1])
+        for col, limit in enumerate(FPR_LIMITS):
+            correction = 0.0
+            if limit not in x:
+                i = bisect_right(x, limit)
+                y_limit = y[i - 1] + (y[i] - y[i - 1]) * (limit - x[i - 1]) / (x[i] - x[i - 1])
+                correction = 0.5 * (y_limit + y[i - 1]) * (limit - x[i - 1])
+            xs, ys = x[x <= limit], y[x <= limit]
+            table[row, col] = (np.sum(0.5 * (ys[1:] + ys[:-1]) * (xs[1:] - xs[:-1])) + correction) / limit
     return table
 
 
@@ -194,6 +227,33 @@ def test_matches_definition_on_random_inputs(data: st.DataObject) -> None:
     np.testing.assert_allclose(table.numpy(), reference_table(maps, masks), atol=1e-5)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_authors_curve_matches_their_algorithm(seed: int, ties: bool) -> None:
+    maps, masks = blob_data(seed, ties=ties)
+    table = size_aupro_table(maps, masks, curve="authors")
+    np.testing.assert_allclose(table.numpy(), authors_reference_table(maps.numpy(), masks.numpy()), atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_authors_curve_matches_their_algorithm_on_random_inputs(data: st.DataObject) -> None:
+    # small maps: fewer background pixels than thresholds, so positions repeat
+    shape = (data.draw(st.integers(1, 3)), data.draw(st.integers(3, 10)), data.draw(st.integers(3, 10)))
+    masks = data.draw(arrays(np.bool_, shape))
+    assume(masks.any() and not masks.all())
+    maps = data.draw(arrays(np.float32, shape, elements=st.floats(0, 1, width=32)))
+    table = size_aupro_table(torch.from_numpy(maps), torch.from_numpy(masks), curve="authors")
+    np.testing.assert_allclose(table.numpy(), authors_reference_table(maps, masks), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_authors_curve_differs_slightly_from_the_exact_one(seed: int) -> None:
+    maps, masks = blob_data(seed)  # continuous scores: no ties
+    difference = (size_aupro_table(maps, masks, curve="authors") - size_aupro_table(maps, masks)).abs()
+    assert 1e-4 < float(difference.max()) < 1e-2
+
+
 def test_incremental_updates_equal_a_single_update() -> None:
     maps, masks = blob_data(3, n=6)
     metric = _SizeAUPRO()
@@ -270,6 +330,8 @@ def test_invalid_inputs_raise() -> None:
         size_aupro_table(maps, torch.zeros_like(masks))
     with pytest.raises(ValueError, match="summary"):
         SizeAUPRO(summary="Q5_fpr0.30")
+    with pytest.raises(ValueError, match="`curve` must be one of"):
+        SizeAUPRO(curve="sampled")
 
 
 # anomalib integration
@@ -369,9 +431,10 @@ def test_evaluator_from_config() -> None:
                   fields: [anomaly_map, gt_mask]
                   prefix: pixel_
                   summary: Q1_fpr0.30
+                  curve: authors
         """
     )
     evaluator = parser.instantiate_classes(config).evaluator
     (metric,) = evaluator.test_metrics
     assert isinstance(metric, SizeAUPRO)
-    assert (metric.name, metric.summary) == ("pixel_SizeAUPRO", "Q1_fpr0.30")
+    assert (metric.name, metric.summary, metric.curve) == ("pixel_SizeAUPRO", "Q1_fpr0.30", "authors")

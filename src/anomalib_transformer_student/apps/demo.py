@@ -29,9 +29,9 @@ from anomalib.callbacks.checkpoint import ModelCheckpoint
 from anomalib.data import MVTecAD
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.engine import Engine
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from lightning.pytorch import seed_everything
 
+from ..metrics import SizeEvaluator
 from ..model import TransformerStudent
 from ..model.teacher import DEFAULT_TEACHER, check_image_size, create_backbone
 from ..training import teacher_weights
@@ -220,15 +220,7 @@ def prepare_dataset(settings: DemoSettings) -> Path:
 
 def build_model(settings: DemoSettings, choice: TeacherChoice) -> TransformerStudent:
     """Build a fresh model whose teacher holds the chosen weights (so training never fetches)."""
-    evaluator = Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
-        ],
-    )
+    evaluator = SizeEvaluator(summaries={}, include_f1=True, strict=False)
     model = TransformerStudent(
         teacher=settings.teacher,
         pretrained=choice.pretrained,

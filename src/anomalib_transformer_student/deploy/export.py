@@ -177,8 +177,11 @@ class TransformerStudentExportMixin:
     and ``load_teacher_weights()``.
 
     Example:
-        >>> class Model(TransformerStudentExportMixin, AnomalibModule): ...  # doctest: +SKIP
-        >>> Model().to_openvino("exports", input_size=(1036, 1036), compression_type="int8")  # doctest: +SKIP
+        A model class lists it before ``AnomalibModule`` (as ``TransformerStudent`` does)::
+
+            class Model(TransformerStudentExportMixin, AnomalibModule): ...
+
+            Model().to_openvino("exports", input_size=(2048, 2448), compression_type="int8")
     """
 
     model: nn.Module

@@ -13,21 +13,30 @@ category, grouped by region area:
    the PRO curve is the mean, over the regions of the subset, of the fraction of each region's pixels that
    are at or above the threshold.
 
-The PRO curve and its integration follow :class:`anomalib.metrics.AUPRO` exactly: one curve point per
-distinct score (ties move FPR and PRO together, giving a diagonal segment), a ``(0, 0)`` start point,
-trapezoid rule up to the FPR limit with the point at the limit linearly interpolated, and normalisation by
-the limit. ``Q4`` at FPR 0.30 is therefore anomalib's ``AUPRO(fpr_limit=0.3)``. The curve is evaluated
-without binning the thresholds: background scores are sorted once, and the curve is reduced to the points
-where the PRO changes (the points in between are collinear and change neither the area nor the
-interpolation), so the cost is one sort of the background scores plus one sort of the anomalous scores.
+Two PRO curves are available (``curve``); both are integrated with the trapezoid rule up to the FPR limit,
+the point at the limit linearly interpolated, and normalised by the limit:
+
+* ``"exact"`` (default) follows :class:`anomalib.metrics.AUPRO` exactly: one curve point per distinct score
+  (ties move FPR and PRO together, giving a diagonal segment) and a ``(0, 0)`` start point. ``Q4`` at FPR
+  0.30 is therefore anomalib's ``AUPRO(fpr_limit=0.3)``. The curve is evaluated without binning the
+  thresholds: background scores are sorted once, and the curve is reduced to the points where the PRO
+  changes (the points in between are collinear and change neither the area nor the interpolation), so the
+  cost is one sort of the background scores plus one sort of the anomalous scores.
+* ``"authors"`` is the curve behind the paper's tables (``calculate_au_pro`` of the authors' code, derived
+  from the MVTec 3D-AD evaluation script): 99 thresholds at equal steps over the sorted anomaly-free scores
+  (positions ``floor(i * (N - 1) / 98)``), each giving the point FPR ``1 - (position + 1) / N`` (the rank of
+  the threshold, which ignores ties) and PRO the mean fraction of region pixels strictly above it, plus the
+  point ``(1, 1)``. Its points lie about 0.0102 apart in FPR, so it agrees with the exact curve to about
+  0.01 at FPR 0.30 but less at the small limits: below 0.01 it has only its FPR-0 point, and the linear
+  interpolation to the next one underestimates a steep curve. Scores tied with a threshold count as missed.
 
 This package also reports ``robustness = AUPRO(Q1) / AUPRO(Q4)`` at FPR 0.30. That single figure is this
 package's own summary of the table (1 means the tiniest defects are found as well as defects overall); it
 is not a figure reported in the paper.
 """
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -51,6 +60,15 @@ ROBUSTNESS_KEY = "robustness"
 TABLE_KEYS: tuple[str, ...] = tuple(f"{q}_fpr{limit:.2f}" for q in SUBSETS for limit in FPR_LIMITS)
 """Keys of the table entries in :func:`table_to_dict`, row by row (``"Q1_fpr0.30"``, ...)."""
 
+Curve = Literal["exact", "authors"]
+"""PRO curves: ``"exact"`` (anomalib's AUPRO) or ``"authors"`` (the paper's tables); see the module docstring."""
+
+CURVES: tuple[str, ...] = get_args(Curve)
+"""Names of the PRO curves, the default first."""
+
+AUTHORS_NUM_THRESHOLDS = 99
+"""Thresholds of the authors' curve (``num_thresholds`` of their ``calculate_au_pro``)."""
+
 _EIGHT_CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 
@@ -73,17 +91,18 @@ def table_to_dict(table: torch.Tensor) -> dict[str, torch.Tensor]:
     return values
 
 
-def size_aupro_table(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def size_aupro_table(preds: torch.Tensor, target: torch.Tensor, curve: Curve = "exact") -> torch.Tensor:
     """Compute the size-stratified AUPRO table of a set of anomaly maps in one call.
 
     Args:
         preds: Anomaly maps, ``(B, H, W)``, ``(B, 1, H, W)`` or ``(H, W)``; higher means more anomalous.
         target: Ground-truth masks of the same spatial shape, values in ``[0, 1]``.
+        curve: PRO curve, ``"exact"`` (anomalib's AUPRO) or ``"authors"`` (the paper's tables).
 
     Returns:
         ``(4, 4)`` float32 tensor, rows ``Q1..Q4``, columns FPR limits ``0.30, 0.10, 0.05, 0.01``.
     """
-    metric = _SizeAUPRO()
+    metric = _SizeAUPRO(curve=curve)
     metric.update(preds, target)
     return metric.compute()
 
@@ -124,11 +143,16 @@ def _area_to_limits(fpr: np.ndarray, pro: np.ndarray, limits: Sequence[float]) -
     return areas
 
 
-def _size_aupro_table(images: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Size-stratified AUPRO table (float64, ``(4, 4)``) of ``(scores, mask)`` pairs of 2-D arrays."""
+def _gather(images: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split ``(scores, mask)`` pairs of 2-D arrays into the pixels the PRO curve needs.
+
+    Returns:
+        The sorted anomaly-free scores, and the scores of the anomalous pixels with their 0-based region ids
+        (8-connected regions, numbered over all images).
+    """
     num_background = sum(mask.size - int(np.count_nonzero(mask)) for _, mask in images)
     background = np.empty(num_background, dtype=np.float32)
-    fg_scores, fg_regions = [], []
+    fg_scores, fg_regions = [np.empty(0, dtype=np.float32)], [np.empty(0, dtype=np.int64)]
     offset = start = 0
     for scores, mask in images:
         if scores.shape != mask.shape:
@@ -145,32 +169,65 @@ def _size_aupro_table(images: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.nda
         offset += num_labels
 
     background.sort()  # NaN sorts last
-    if (num_background and np.isnan(background[-1])) or any(np.isnan(s).any() for s in fg_scores):
+    scores = np.concatenate(fg_scores)
+    if (num_background and np.isnan(background[-1])) or np.isnan(scores).any():
         msg = "Anomaly maps contain NaN."
         raise ValueError(msg)
-    if offset == 0:
+    return background, scores, np.concatenate(fg_regions)
+
+
+def _exact_curve(background: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Anomalib's PRO curve: FPR per point, and the index of the first sorted anomalous pixel it counts.
+
+    Args:
+        background: Sorted anomaly-free scores.
+        scores: Sorted anomalous scores.
+    """
+    # runs of equal anomalous scores: one threshold each, [starts, ends) in the sorted arrays
+    starts = np.flatnonzero(np.concatenate(([True], scores[1:] != scores[:-1])))
+    ends = np.append(starts[1:], scores.size)
+    thresholds = scores[starts]
+    num_background = background.size
+    fpr_at_or_above = (num_background - np.searchsorted(background, thresholds, side="left")) / num_background
+    fpr_above = (num_background - np.searchsorted(background, thresholds, side="right")) / num_background
+    # descending thresholds; per threshold the curve goes from the state just above it to the state at it
+    fpr = np.concatenate(([0.0], np.stack((fpr_above, fpr_at_or_above), axis=1)[::-1].ravel(), [1.0]))
+    first = np.concatenate(([scores.size], np.stack((ends, starts), axis=1)[::-1].ravel(), [0]))
+    return fpr, first
+
+
+def _authors_curve(background: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' sampled PRO curve, in the form of :func:`_exact_curve` (see the module docstring)."""
+    num_background = background.size
+    # ascending FPR: the highest threshold first
+    positions = np.linspace(0, num_background - 1, num=AUTHORS_NUM_THRESHOLDS).astype(np.int64)[::-1]
+    fpr = np.append(1.0 - (positions + 1) / num_background, 1.0)
+    first = np.append(np.searchsorted(scores, background[positions], side="right"), 0)
+    return fpr, first
+
+
+_CURVE_BUILDERS: dict[str, Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = {
+    "exact": _exact_curve,
+    "authors": _authors_curve,
+}
+
+
+def _size_aupro_table(images: Sequence[tuple[np.ndarray, np.ndarray]], curve: Curve) -> np.ndarray:
+    """Size-stratified AUPRO table (float64, ``(4, 4)``) of ``(scores, mask)`` pairs of 2-D arrays."""
+    background, scores, regions = _gather(images)
+    if regions.size == 0:
         return _nan_table("no anomalous region in the ground truth")
-    if num_background == 0:
+    if background.size == 0:
         return _nan_table("no anomaly-free pixel in the ground truth")
 
-    scores = np.concatenate(fg_scores)
-    regions = np.concatenate(fg_regions)
-
-    areas = np.bincount(regions, minlength=offset)
+    areas = np.bincount(regions)
     # number of percentiles strictly below the area: the region is in subset s (0-based) iff this is <= s
     size_class = np.searchsorted(np.percentile(areas, SIZE_PERCENTILES), areas, side="left")
 
     order = np.argsort(scores)
     scores = scores[order]
     regions = regions[order]
-    # runs of equal anomalous scores: one threshold each, [starts, ends) in the sorted arrays
-    starts = np.flatnonzero(np.concatenate(([True], scores[1:] != scores[:-1])))
-    ends = np.append(starts[1:], scores.size)
-    thresholds = scores[starts]
-    fpr_at_or_above = (num_background - np.searchsorted(background, thresholds, side="left")) / num_background
-    fpr_above = (num_background - np.searchsorted(background, thresholds, side="right")) / num_background
-    # descending thresholds; per threshold the curve goes from the state just above it to the state at it
-    fpr = np.concatenate(([0.0], np.stack((fpr_above, fpr_at_or_above), axis=1)[::-1].ravel(), [1.0]))
+    fpr, first = _CURVE_BUILDERS[curve](background, scores)
 
     region_class = size_class[regions]
     inverse_area = 1.0 / areas[regions]
@@ -180,8 +237,7 @@ def _size_aupro_table(images: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.nda
         weights = np.where(in_subset, inverse_area, 0.0) / np.count_nonzero(size_class <= subset)
         # pro_from[i]: mean overlap of the subset's regions counting the sorted pixels i, i+1, ...
         pro_from = np.append(np.cumsum(weights[::-1])[::-1], 0.0)
-        pro = np.concatenate(([0.0], np.stack((pro_from[ends], pro_from[starts]), axis=1)[::-1].ravel(), [pro_from[0]]))
-        table[subset] = _area_to_limits(fpr, pro, FPR_LIMITS)
+        table[subset] = _area_to_limits(fpr, pro_from[first], FPR_LIMITS)
     return table
 
 
@@ -192,7 +248,8 @@ class _SizeAUPRO(Metric):
     75th percentile of all region areas, and all regions), columns FPR limits ``0.30, 0.10, 0.05, 0.01``.
 
     Anomaly maps are stored as float32 and masks as uint8 until ``compute()``. Masks must hold values in
-    ``[0, 1]``; pixels above 0.5 are anomalous.
+    ``[0, 1]``; pixels above 0.5 are anomalous. ``curve`` selects the PRO curve: ``"exact"`` (anomalib's
+    AUPRO) or ``"authors"`` (the paper's tables; see the module docstring).
 
     Degenerate inputs:
         * no anomalous region, no anomaly-free pixel, or no update at all: the table is all NaN, with a
@@ -209,8 +266,12 @@ class _SizeAUPRO(Metric):
     preds: list[torch.Tensor]
     target: list[torch.Tensor]
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, curve: Curve = "exact", **kwargs: Any) -> None:
+        if curve not in CURVES:
+            msg = f"`curve` must be one of {CURVES}, got {curve!r}."
+            raise ValueError(msg)
         super().__init__(**kwargs)
+        self.curve = curve
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("target", default=[], dist_reduce_fx="cat")
         self._table_cache: torch.Tensor | None = None
@@ -245,7 +306,7 @@ class _SizeAUPRO(Metric):
             batch_scores = batch_preds.cpu().numpy()
             batch_masks = batch_target.cpu().numpy().view(np.bool_)
             images.extend(zip(batch_scores, batch_masks, strict=True))
-        table = _size_aupro_table(images) if images else _nan_table("no data")
+        table = _size_aupro_table(images, self.curve) if images else _nan_table("no data")
         self._table_cache = torch.from_numpy(table).to(dtype=torch.float32, device=self.device)
         self.last_table = self._table_cache
         return self._table_cache.clone()
@@ -296,6 +357,8 @@ class SizeAUPRO(AnomalibMetric, _SizeAUPRO):  # type: ignore[misc]
         summary: Value returned by ``compute()``: ``"robustness"`` (default; ``AUPRO(Q1) / AUPRO(Q4)`` at
             FPR 0.30, this package's summary figure, not the paper's) or a table entry such as
             ``"Q1_fpr0.30"`` or ``"Q4_fpr0.01"``.
+        curve: PRO curve: ``"exact"`` (default; anomalib's AUPRO, one point per distinct score) or
+            ``"authors"`` (the 99-threshold curve of the authors' code, which the paper's tables report).
         **kwargs: Passed to ``torchmetrics.Metric`` (e.g. ``dist_sync_on_step``).
 
     Degenerate inputs:
@@ -319,6 +382,13 @@ class SizeAUPRO(AnomalibMetric, _SizeAUPRO):  # type: ignore[misc]
         tensor(0.2609)
         >>> metric.table()[:, 0]  # Q1..Q4 at FPR 0.30
         tensor([0.1500, 0.1500, 0.1500, 0.5750])
+
+        The paper's tables use the authors' sampled curve:
+
+        >>> metric = SizeAUPRO(curve="authors")
+        >>> metric.update(ImageBatch(image=torch.rand(2, 3, 32, 32), anomaly_map=maps, gt_mask=masks))
+        >>> metric.table()[:, 0]  # the small defect ties with the background: missed at every threshold
+        tensor([0.0000, 0.0000, 0.0000, 0.5000])
     """
 
     default_fields: Sequence[str] = ("anomaly_map", "gt_mask")
@@ -329,12 +399,13 @@ class SizeAUPRO(AnomalibMetric, _SizeAUPRO):  # type: ignore[misc]
         prefix: str = "",
         strict: bool = True,
         summary: str = ROBUSTNESS_KEY,
+        curve: Curve = "exact",
         **kwargs: Any,
     ) -> None:
         if summary not in (*TABLE_KEYS, ROBUSTNESS_KEY):
             msg = f"`summary` must be {ROBUSTNESS_KEY!r} or one of {TABLE_KEYS}, got {summary!r}."
             raise ValueError(msg)
-        super().__init__(fields=fields, prefix=prefix, strict=strict, **kwargs)
+        super().__init__(fields=fields, prefix=prefix, strict=strict, curve=curve, **kwargs)
         self.summary = summary
 
     def compute(self) -> torch.Tensor | None:

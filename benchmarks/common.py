@@ -1,0 +1,153 @@
+"""Helpers shared by the benchmark scripts in this folder.
+
+The scripts run as ``python benchmarks/<script>.py``; Python then puts the script's own folder first on
+``sys.path``, so they import this module as ``common`` (and so do the processes they spawn, which inherit
+``sys.path``). anomalib, timm and the package's demo generator are imported inside the functions that use
+them, so that importing this module (and ``--help``) stays quick.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from anomalib.models.image import L2BT
+
+T = TypeVar("T")
+
+
+def synchronize_cuda() -> None:
+    """Wait for all queued CUDA work, where CUDA is available, so that a clock read next is fair."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_runs(
+    run: Callable[[], object], warmup: int, runs: int, synchronize: Callable[[], object] | None = None
+) -> list[float]:
+    """Seconds of each of ``runs`` calls of ``run`` after ``warmup`` untimed ones.
+
+    Args:
+        run: What to time, called without arguments.
+        warmup: Untimed calls first.
+        runs: Timed calls.
+        synchronize: Called before and after each timed call (e.g. ``torch.cuda.synchronize``), so that
+            asynchronous work is inside the timed span.
+    """
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        if synchronize:
+            synchronize()
+        start = time.perf_counter()
+        run()
+        if synchronize:
+            synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process in MiB.
+
+    Linux's ``VmHWM`` is this program's own; ``ru_maxrss`` would carry the parent's peak over ``exec``.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
+
+
+def peak_cuda_mib() -> float:
+    """Peak CUDA memory allocated by this process's tensors, in MiB."""
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def in_fresh_process(function: Callable[..., T], *args: object) -> T:
+    """Run ``function(*args)`` in a new (spawned) process, so that its peak memory is its own; return its result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def build_l2bt(image_size: int, backbone: str | None = None, **kwargs: Any) -> L2BT:
+    """Build anomalib's L2BT with a randomly initialised teacher and its pre-processor at ``image_size``.
+
+    L2BT always asks timm for the pretrained DINOv2 ViT-B/14 with registers; while the model is built, its
+    teacher's feature extractor is asked for random weights instead (no download; speed does not depend on
+    the weights), then restored.
+
+    Args:
+        image_size: Side of the square model input.
+        backbone: Another timm ViT for the teacher (its pretrained tag, such as ``.lvd142m``, is dropped);
+            ``None`` keeps L2BT's own architecture.
+        **kwargs: Passed on to ``L2BT`` (e.g. ``visualizer=False``).
+    """
+    from anomalib.models.image import L2BT
+    from anomalib.models.image.l2bt import teacher as l2bt_teacher
+
+    overrides: dict[str, object] = {"pre_trained": False}
+    if backbone is not None:
+        import timm
+
+        overrides["backbone"] = timm.models.split_model_name_tag(backbone)[0]
+    extractor = l2bt_teacher.TimmFeatureExtractor
+
+    def random_weights_extractor(*args: object, **extractor_kwargs: object) -> torch.nn.Module:
+        return extractor(*args, **{**extractor_kwargs, **overrides})
+
+    l2bt_teacher.TimmFeatureExtractor = random_weights_extractor
+    try:
+        return L2BT(pre_processor=L2BT.configure_pre_processor((image_size, image_size)), **kwargs)
+    finally:
+        l2bt_teacher.TimmFeatureExtractor = extractor
+
+
+def generate_demo_data(
+    root: Path,
+    *,
+    image_size: int,
+    n_train: int,
+    n_test_good: int,
+    n_test_per_defect: int,
+    category: str = "brick",
+    seed: int = 0,
+) -> Path:
+    """Write the package's generated demo images of one texture under ``root``, laid out as MVTec AD; return ``root``.
+
+    See ``anomalib_transformer_student.apps.demo_data.DemoDatasetSpec`` for the arguments.
+    """
+    from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
+
+    spec = DemoDatasetSpec(
+        categories=(category,),
+        image_size=image_size,
+        n_train=n_train,
+        n_test_good=n_test_good,
+        n_test_per_defect=n_test_per_defect,
+        seed=seed,
+    )
+    return generate_demo_dataset(root, spec)
+
+
+def markdown_row(cells: Iterable[str]) -> str:
+    """One row of a Markdown table: ``| a | b |``."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_rule(alignments: str) -> str:
+    """The rule under a Markdown table's header, one column per letter: ``l`` left-, ``r`` right-aligned.
+
+    Example: ``markdown_rule("lrr")`` is ``|---|---:|---:|``.
+    """
+    cells = {"l": "---", "r": "---:"}
+    return "|" + "|".join(cells[alignment] for alignment in alignments) + "|"
