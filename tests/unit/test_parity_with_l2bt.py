@@ -1,4 +1,11 @@
-"""Our torch model against anomalib's own L2BT port, with shared random teacher and student weights."""
+"""Our torch model against anomalib's own L2BT port, with shared random teacher and student weights.
+
+The two interpolate the teacher's positional embedding differently away from 518 px: we follow the official
+DINOv2 model (bicubic with antialiasing for registers models), L2BT resamples in every forward with timm's
+``resample_abs_pos_embed``, which anomalib patches to ``antialias=False``. Tokens, maps, scores and losses are
+compared where both agree by construction: at 224 px with L2BT's resampled positional embedding copied into
+our teacher, and at 518 px, the native grid, where neither interpolates.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import torch
 from anomalib.models.image.l2bt import teacher as l2bt_teacher
 from anomalib.models.image.l2bt.anomaly_map import L2BTAnomalyMapGenerator
 from anomalib.models.image.l2bt.torch_model import L2BTModel
+from timm.models import vision_transformer
 
 from anomalib_transformer_student.model.anomaly_map import top_k_mean
 from anomalib_transformer_student.model.teacher import TeacherFeatureExtractor
@@ -15,10 +23,32 @@ from anomalib_transformer_student.model.torch_model import TransformerStudentMod
 
 TEACHER = "vit_base_patch14_reg4_dinov2"
 IMAGE_SIZE = 224
+NATIVE_SIZE = 518
+
+
+def l2bt_pos_embed(reference: L2BTModel, image_size: int) -> torch.Tensor:
+    """The positional embedding L2BT adds at ``image_size``: the call its timm backbone's ``_pos_embed`` makes."""
+    backbone = reference.teacher.fe.feature_extractor
+    assert backbone.dynamic_img_size
+    assert getattr(vision_transformer.resample_abs_pos_embed, "_anomalib_no_antialias", False)
+    grid = image_size // backbone.patch_embed.patch_size[0]
+    return vision_transformer.resample_abs_pos_embed(
+        backbone.pos_embed.data,
+        new_size=(grid, grid),
+        old_size=backbone.patch_embed.grid_size,
+        num_prefix_tokens=0 if backbone.no_embed_class else backbone.num_prefix_tokens,
+    )
+
+
+def our_teacher(reference: L2BTModel, image_size: int) -> TeacherFeatureExtractor:
+    """Our teacher with L2BT's teacher weights, loaded as timm weights are (native pos-embed resampled)."""
+    teacher = TeacherFeatureExtractor(timm.create_model(TEACHER, pretrained=False, num_classes=0), (7, 11), image_size)
+    teacher.load_backbone_state_dict(reference.teacher.fe.feature_extractor.state_dict())
+    return teacher
 
 
 @pytest.fixture(scope="module")
-def models(monkeypatch_module: pytest.MonkeyPatch) -> tuple[L2BTModel, TransformerStudentModel]:
+def reference(monkeypatch_module: pytest.MonkeyPatch) -> L2BTModel:
     torch.manual_seed(0)
     # L2BT always asks for pretrained weights; the same architecture with random ones works offline.
     build_extractor = l2bt_teacher.TimmFeatureExtractor
@@ -27,14 +57,14 @@ def models(monkeypatch_module: pytest.MonkeyPatch) -> tuple[L2BTModel, Transform
         return build_extractor(*args, **{**kwargs, "pre_trained": False})
 
     monkeypatch_module.setattr(l2bt_teacher, "TimmFeatureExtractor", random_extractor)
-    reference = L2BTModel(layers=(7, 11)).eval()
-    source = timm.create_model(TEACHER, pretrained=False, num_classes=0)
-    source.load_state_dict(reference.teacher.fe.feature_extractor.state_dict(), strict=False)
+    return L2BTModel(layers=(7, 11)).eval()
 
-    teacher = TeacherFeatureExtractor(
-        timm.create_model(TEACHER, pretrained=False, num_classes=0), (7, 11), IMAGE_SIZE
-    )
-    teacher.load_backbone_state_dict(source.state_dict())
+
+@pytest.fixture(scope="module")
+def models(reference: L2BTModel) -> tuple[L2BTModel, TransformerStudentModel]:
+    """L2BT and our model at 224 px with the same weights, our positional embedding replaced by L2BT's."""
+    teacher = our_teacher(reference, IMAGE_SIZE)
+    teacher.backbone.pos_embed.data.copy_(l2bt_pos_embed(reference, IMAGE_SIZE))
     ours = TransformerStudentModel(teacher)
     for ours_student, reference_student in (
         (ours.forward_student, reference.forward_net),
@@ -59,9 +89,8 @@ def images() -> torch.Tensor:
     return torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
 
 
-def test_teacher_features_match(
-    models: tuple[L2BTModel, TransformerStudentModel], images: torch.Tensor
-) -> None:
+def test_teacher_features_match(models: tuple[L2BTModel, TransformerStudentModel], images: torch.Tensor) -> None:
+    """Reference: L2BT's teacher tokens at 224 px, with its positional embedding in our teacher."""
     reference, ours = models
     for reference_tokens, our_tokens in zip(
         reference.extract_teacher_features(images), ours.teacher(images), strict=True
@@ -70,9 +99,8 @@ def test_teacher_features_match(
         torch.testing.assert_close(our_tokens, reference_tokens, atol=1e-5, rtol=0)
 
 
-def test_anomaly_maps_and_scores_match(
-    models: tuple[L2BTModel, TransformerStudentModel], images: torch.Tensor
-) -> None:
+def test_anomaly_maps_and_scores_match(models: tuple[L2BTModel, TransformerStudentModel], images: torch.Tensor) -> None:
+    """Reference: L2BT's anomaly maps and image scores at 224 px, with its positional embedding in our teacher."""
     reference, ours = models
     with torch.no_grad():
         expected = reference(images)
@@ -84,9 +112,8 @@ def test_anomaly_maps_and_scores_match(
     assert actual.pred_score.std() > 0
 
 
-def test_training_losses_match(
-    models: tuple[L2BTModel, TransformerStudentModel], images: torch.Tensor
-) -> None:
+def test_training_losses_match(models: tuple[L2BTModel, TransformerStudentModel], images: torch.Tensor) -> None:
+    """Reference: L2BT's training loss at 224 px, with its positional embedding in our teacher."""
     reference, ours = models
     reference.train()
     ours.train()
@@ -98,6 +125,21 @@ def test_training_losses_match(
         ours.eval()
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
     assert actual.requires_grad
+
+
+def test_teacher_features_match_at_the_native_size(reference: L2BTModel) -> None:
+    """Reference: L2BT's teacher tokens at 518 px, where neither model interpolates the positional embedding."""
+    teacher = our_teacher(reference, NATIVE_SIZE)
+    images = torch.randn(1, 3, NATIVE_SIZE, NATIVE_SIZE, generator=torch.Generator().manual_seed(2))
+    for reference_tokens, our_tokens in zip(reference.extract_teacher_features(images), teacher(images), strict=True):
+        assert our_tokens.shape == (1, (NATIVE_SIZE // 14) ** 2, 768)
+        torch.testing.assert_close(our_tokens, reference_tokens, atol=1e-5, rtol=0)
+
+
+def test_l2bt_interpolates_differently_away_from_the_native_size(reference: L2BTModel) -> None:
+    """Reference: L2BT's positional embedding at 224 px, which lacks the official antialiasing."""
+    ours = our_teacher(reference, IMAGE_SIZE).backbone.pos_embed.data
+    assert (ours - l2bt_pos_embed(reference, IMAGE_SIZE)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ def source_and_features(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor,
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".bin"])
 def test_local_timm_file_gives_identical_features(suffix: str, tmp_path: Path) -> None:
+    """Reference: the features of our teacher built on the timm source model that wrote the file."""
     name = "vit_small_patch14_reg4_dinov2"
     source, expected, images = source_and_features(name)
     path = tmp_path / f"teacher{suffix}"
@@ -95,6 +96,7 @@ def test_local_timm_file_gives_identical_features(suffix: str, tmp_path: Path) -
     ("name", "registers"), [("vit_small_patch14_reg4_dinov2", True), ("vit_small_patch14_dinov2", False)]
 )
 def test_official_dinov2_file_is_converted(name: str, registers: bool, tmp_path: Path) -> None:
+    """Reference: the features of our teacher built on the timm source model whose weights the file holds."""
     source, expected, images = source_and_features(name)
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(official_layout(source.state_dict(), registers), path)
@@ -102,6 +104,15 @@ def test_official_dinov2_file_is_converted(name: str, registers: bool, tmp_path:
     model.load_teacher_weights()
     for actual, reference in zip(model.model.teacher(images), expected, strict=True):
         torch.testing.assert_close(actual, reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_wrapped_data_parallel_file_is_unwrapped(wrapper: str, tmp_path: Path) -> None:
+    state_dict = timm.create_model("vit_small_patch14_dinov2", num_classes=0, device="meta").state_dict()
+    saved = {f"module.{key}": torch.zeros(1) for key in state_dict}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({wrapper: saved, "epoch": 3}, path)
+    assert set(read_weights_file(path)) == set(state_dict)
 
 
 def test_wrong_keys_are_listed(tmp_path: Path) -> None:

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "vit_base_patch14_reg4_dinov2.lvd142m"
 DEFAULT_LAYERS = (7, 11)
+
+PosEmbedInterpolation = Literal["dinov2_registers", "dinov2", "dino", "timm"]
+# (offset, antialias) of the authors' code: facebookresearch/dinov2 `dinov2/hub/backbones.py` builds the
+# registers models with interpolate_offset=0.0, interpolate_antialias=True, the others with the defaults of
+# `DinoVisionTransformer` (0.1, False); facebookresearch/dino adds 0.1 and never antialiases.
+OFFICIAL_INTERPOLATION: dict[str, tuple[float, bool]] = {
+    "dinov2_registers": (0.0, True),
+    "dinov2": (0.1, False),
+    "dino": (0.1, False),
+}
 
 
 def create_backbone(name: str) -> nn.Module:
@@ -42,6 +55,65 @@ def create_backbone(name: str) -> nn.Module:
         )
         raise ValueError(msg)
     return backbone
+
+
+def pos_embed_interpolation(backbone: nn.Module) -> PosEmbedInterpolation:
+    """How the authors of ``backbone``'s weights interpolate its positional embedding, read from timm's config.
+
+    timm records the architecture and weight tag of every model it builds in ``backbone.pretrained_cfg``
+    (also with ``pretrained=False``): DINOv2 architectures end in ``_dinov2`` (with registers when the model
+    has register tokens), DINO v1 weights carry the tag ``dino``. Anything else is resampled as timm does.
+
+    Example:
+        >>> pos_embed_interpolation(timm.create_model("vit_small_patch14_reg4_dinov2", device="meta"))
+        'dinov2_registers'
+        >>> pos_embed_interpolation(timm.create_model("vit_small_patch16_224.dino", device="meta"))
+        'dino'
+    """
+    config = getattr(backbone, "pretrained_cfg", None) or {}
+    if str(config.get("architecture", "")).endswith("_dinov2"):
+        return "dinov2_registers" if getattr(backbone, "num_reg_tokens", 0) else "dinov2"
+    if config.get("tag") == "dino":
+        return "dino"
+    return "timm"
+
+
+def official_interpolate_pos_encoding(
+    patch_pos_embed: torch.Tensor, grid: tuple[int, int], offset: float, antialias: bool
+) -> torch.Tensor:
+    """Resample the square grid of patch position embeddings ``(1, M * M, D)`` to ``grid`` (rows, columns).
+
+    A transcription of ``interpolate_pos_encoding`` of the official DINOv2 model (facebookresearch/dinov2,
+    ``dinov2/models/vision_transformer.py``), which with ``offset=0.1, antialias=False`` is also that of DINO v1
+    (facebookresearch/dino, ``vision_transformer.py``): bicubic in float32, with
+    ``scale_factor=((rows + offset) / M, (columns + offset) / M)`` when ``offset`` is set, ``size=grid``
+    otherwise. The native grid is returned unchanged, as the official code does.
+    """
+    side = math.isqrt(patch_pos_embed.shape[1])
+    if tuple(grid) == (side, side):
+        return patch_pos_embed
+    if offset:
+        resize = {"scale_factor": ((grid[0] + offset) / side, (grid[1] + offset) / side)}
+    else:
+        resize = {"size": tuple(grid)}
+    square = patch_pos_embed.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    resampled = F.interpolate(square, mode="bicubic", antialias=antialias, **resize)
+    return resampled.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(patch_pos_embed.dtype)
+
+
+def resample_patch_pos_embed(
+    patch_pos_embed: torch.Tensor, grid: tuple[int, int], interpolation: PosEmbedInterpolation
+) -> torch.Tensor:
+    """Resample a square grid of patch position embeddings ``(1, M * M, D)`` to ``grid`` as ``interpolation`` says.
+
+    DINO and DINOv2 follow :func:`official_interpolate_pos_encoding`; ``"timm"`` keeps timm's own resampling
+    (:func:`timm.layers.resample_abs_pos_embed` with its defaults, as ``set_input_size`` uses it).
+    """
+    if interpolation == "timm":
+        side = math.isqrt(patch_pos_embed.shape[1])
+        return resample_abs_pos_embed(patch_pos_embed, new_size=list(grid), old_size=[side, side], num_prefix_tokens=0)
+    offset, antialias = OFFICIAL_INTERPOLATION[interpolation]
+    return official_interpolate_pos_encoding(patch_pos_embed, grid, offset, antialias)
 
 
 def normalise_layers(layers: Sequence[int], depth: int) -> tuple[int, int]:
@@ -81,10 +153,12 @@ def check_image_size(image_size: int, patch_size: int) -> None:
 class TeacherFeatureExtractor(nn.Module):
     """Frozen ViT returning the normalised patch tokens of two blocks at a fixed square input size.
 
-    At construction the positional embedding is resampled once to the ``image_size`` grid
-    (bicubic, without antialiasing, as DINOv2's own interpolation does), blocks deeper than the
-    deepest requested layer are removed and the head is dropped, so that inference and export
-    run only what is needed and the graph has static shapes.
+    At construction the positional embedding is resampled once to the ``image_size`` grid, the way
+    the authors of the weights interpolate it in every forward (see :func:`pos_embed_interpolation`:
+    DINOv2 with registers bicubic with antialiasing, DINOv2 without registers and DINO bicubic with
+    a 0.1 offset, other ViTs as timm resamples), blocks deeper than the deepest requested layer are
+    removed and the head is dropped, so that inference and export run only what is needed and the
+    graph has static shapes and no interpolation.
 
     Args:
         backbone: A timm Vision Transformer (see :func:`create_backbone`).
@@ -108,29 +182,23 @@ class TeacherFeatureExtractor(nn.Module):
         self.grid_size = (image_size // self.patch_size, image_size // self.patch_size)
         self.embed_dim = int(backbone.num_features)
         self.num_prefix_tokens = int(getattr(backbone, "num_prefix_tokens", 1))
+        # Prefix tokens (class, registers) with a row of their own in pos_embed keep it unchanged.
+        self._pos_embed_prefix = 0 if getattr(backbone, "no_embed_class", False) else self.num_prefix_tokens
+        self.pos_embed_interpolation = pos_embed_interpolation(backbone)
 
         backbone.prune_intermediate_layers(indices=list(self.layers), prune_norm=False, prune_head=True)
-        self._native_grid = tuple(backbone.patch_embed.grid_size)
         backbone.patch_embed.set_input_size(img_size=(image_size, image_size))
         backbone.dynamic_img_size = False
         if backbone.pos_embed is not None:
-            backbone.pos_embed = nn.Parameter(self._resample_pos_embed(backbone, backbone.pos_embed.data))
+            backbone.pos_embed = nn.Parameter(self._resample_pos_embed(backbone.pos_embed.data))
         self.backbone = backbone.eval().requires_grad_(False)
         # Saved with the weights, so a checkpoint knows its teacher needs no fetching.
         self.register_buffer("weights_loaded", torch.tensor(False))
 
-    def _resample_pos_embed(self, backbone: nn.Module, pos_embed: torch.Tensor) -> torch.Tensor:
-        prefix = 0 if getattr(backbone, "no_embed_class", False) else self.num_prefix_tokens
-        grid_tokens = pos_embed.shape[1] - prefix
-        native_side = round(grid_tokens**0.5)
-        return resample_abs_pos_embed(
-            pos_embed,
-            new_size=list(self.grid_size),
-            old_size=[native_side, native_side],
-            num_prefix_tokens=prefix,
-            interpolation="bicubic",
-            antialias=False,
-        )
+    def _resample_pos_embed(self, pos_embed: torch.Tensor) -> torch.Tensor:
+        prefix, patches = pos_embed[:, : self._pos_embed_prefix], pos_embed[:, self._pos_embed_prefix :]
+        resampled = resample_patch_pos_embed(patches, self.grid_size, self.pos_embed_interpolation)
+        return torch.cat([prefix, resampled], dim=1)
 
     def load_backbone_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load weights saved for the full backbone at its native input size.
@@ -150,7 +218,7 @@ class TeacherFeatureExtractor(nn.Module):
                 continue
             adapted[key] = value
         if "pos_embed" in adapted and adapted["pos_embed"].shape != self.backbone.pos_embed.shape:
-            adapted["pos_embed"] = self._resample_pos_embed(self.backbone, adapted["pos_embed"])
+            adapted["pos_embed"] = self._resample_pos_embed(adapted["pos_embed"])
         missing = sorted(own_keys - set(adapted))
         unexpected = sorted(set(adapted) - own_keys)
         if missing or unexpected:

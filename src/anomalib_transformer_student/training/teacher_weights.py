@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 from pathlib import Path
@@ -24,6 +23,7 @@ from urllib.parse import urlparse
 
 import timm
 import torch
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 logger = logging.getLogger(__name__)
 
@@ -132,66 +132,42 @@ def pretrained_weights_available(name: str, timeout: float = HUB_PROBE_TIMEOUT_S
     return not _offline_mode() and hub_reachable(timeout)
 
 
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-_WRAPPER_KEYS = ("state_dict", "model", "teacher")
-
-
-def is_official_dinov2(state_dict: dict[str, torch.Tensor]) -> bool:
-    """Whether ``state_dict`` uses the official DINOv2 (torch.hub) layout rather than timm's."""
-    return (
-        "mask_token" in state_dict or "register_tokens" in state_dict or any(".mlp.w12." in key for key in state_dict)
-    )
-
-
-def convert_official_dinov2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map official DINOv2 keys to timm's ``vit_*_dinov2`` layout.
-
-    The mask token (used only in DINOv2's own training) is dropped; SwiGLU ``w12``/``w3`` become
-    ``fc1``/``fc2``. With registers, timm adds no positional embedding to the prefix tokens, so
-    the class token's position is folded into the class token and its pos-embed row removed.
-    """
-    converted = {key: value for key, value in state_dict.items() if key != "mask_token"}
-    if "register_tokens" in converted:
-        converted["reg_token"] = converted.pop("register_tokens")
-        pos_embed = converted.pop("pos_embed")
-        converted["cls_token"] = converted["cls_token"] + pos_embed[:, :1]
-        converted["pos_embed"] = pos_embed[:, 1:]
-    renamed = {}
-    for key, value in converted.items():
-        key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key)
-        renamed[re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key)] = value
-    return renamed
-
-
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a teacher weights file in timm's or the official DINOv2 layout, returned in timm's layout.
+    """Read a weights file in the layout it was saved in, with timm's reader.
+
+    timm reads safetensors and torch files, unwraps ``state_dict``/``model`` entries and removes
+    ``module.`` prefixes; :func:`to_timm_layout` converts the result.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file cannot be read as weights.
+        ValueError: If the file cannot be read as a state dict of tensors.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         msg = f"Teacher weights file not found: '{path}'. Check `teacher_weights` (absolute paths are safest)."
         raise FileNotFoundError(msg)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict = load_file(str(path))
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = timm.models.load_state_dict(str(path))
     except Exception as error:  # torch and safetensors raise many kinds for a bad file
         msg = f"Could not read teacher weights from '{path}': {type(error).__name__}: {error}"
         raise ValueError(msg) from error
-    for wrapper in _WRAPPER_KEYS:
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+    if not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
         msg = f"'{path}' does not hold a flat state dict of tensors; save `model.state_dict()` to it."
         raise ValueError(msg)
-    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    return convert_official_dinov2(state_dict) if is_official_dinov2(state_dict) else state_dict
+    return state_dict
+
+
+def to_timm_layout(state_dict: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Convert ``state_dict`` to the layout of timm model ``name`` with timm's own checkpoint filter.
+
+    ``checkpoint_filter_fn`` converts the layouts timm knows, among them the official DINOv2 torch.hub
+    files (``dinov2_vitb14_reg4_pretrain.pth``: mask token dropped, ``register_tokens`` -> ``reg_token``,
+    the class token's position folded into ``cls_token``, SwiGLU ``w12``/``w3`` -> ``fc1``/``fc2``), and
+    leaves timm's own layout at the native input size as it is. It reads only the shapes of the model,
+    so the model is built on the meta device.
+    """
+    native = timm.create_model(name, pretrained=False, num_classes=0, device="meta")
+    return checkpoint_filter_fn(state_dict, native)
 
 
 def teacher_state_dict(name: str, weights: str | None) -> dict[str, torch.Tensor]:
@@ -199,4 +175,4 @@ def teacher_state_dict(name: str, weights: str | None) -> dict[str, torch.Tensor
     if weights is None:
         return fetch_pretrained_state_dict(name)
     logger.info("Loading teacher weights from '%s'.", weights)
-    return read_weights_file(weights)
+    return to_timm_layout(read_weights_file(weights), name)
