@@ -79,6 +79,31 @@ def in_fresh_process(function: Callable[..., T], *args: object) -> T:
         return pool.submit(function, *args).result()
 
 
+def count_forward_images(module: torch.nn.Module, stage: Callable[[], str]) -> dict[str, int]:
+    """Count the images that pass through ``module``, per stage; return the (live) counts.
+
+    ``module.forward`` is wrapped on the instance (``nn.Module.__call__`` looks it up there), so every
+    call, however it is reached, adds the first dimension of its first argument to ``counts[stage()]``.
+
+    Example:
+        >>> layer = torch.nn.Identity()
+        >>> counts = count_forward_images(layer, lambda: "train")
+        >>> _ = layer(torch.zeros(3, 2)); _ = layer(torch.zeros(1, 2))
+        >>> counts
+        {'train': 4}
+    """
+    counts: dict[str, int] = {}
+    forward = module.forward
+
+    def counting_forward(images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        key = stage()
+        counts[key] = counts.get(key, 0) + int(images.shape[0])
+        return forward(images, *args, **kwargs)
+
+    module.forward = counting_forward
+    return counts
+
+
 def build_l2bt(image_size: int, backbone: str | None = None, **kwargs: Any) -> L2BT:
     """Build anomalib's L2BT with a randomly initialised teacher and its pre-processor at ``image_size``.
 

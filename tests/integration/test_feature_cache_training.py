@@ -1,19 +1,26 @@
-"""Training through anomalib's Engine with the teacher-feature cache on, off, and misconfigured."""
+"""Training through anomalib's Engine with the teacher-feature cache on, off, misconfigured, and on a full disk."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
+from PIL import Image
 from torchvision.transforms.v2 import RandomHorizontalFlip
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.training import feature_cache
 from anomalib_transformer_student.training.feature_cache import CacheDirectoryError
 
 N_TRAIN = 8
@@ -89,12 +96,59 @@ def test_cached_training_follows_the_uncached_loss_curve(dataset: Path, tmp_path
     assert reference[-1] < reference[0]
 
 
-def test_spilled_features_are_reused_by_the_next_run(dataset: Path, tmp_path: Path) -> None:
+def test_spilled_features_are_reused_by_the_next_run(
+    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     arguments = {"cache_dir": str(tmp_path / "cache"), "cache_memory_budget_mb": 0}
     first, first_images = train(dataset, tmp_path, epochs=2, **arguments)
-    second, second_images = train(dataset, tmp_path, epochs=2, **arguments)
+    with caplog.at_level(logging.INFO, logger="anomalib_transformer_student"):
+        second, second_images = train(dataset, tmp_path, epochs=2, **arguments)
     assert (first_images, second_images) == (N_TRAIN, 0)
     torch.testing.assert_close(torch.tensor(second), torch.tensor(first), atol=1e-3, rtol=0)
+    # The closing summary says how much disk the cache takes.
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert f"{N_TRAIN} images cached (0 in memory, {N_TRAIN} on disk)" in caplog.text
+    assert re.search(rf"\d+\.\d MB on disk in {re.escape(str(folder))} \(budget 20480 MB\)", caplog.text)
+
+
+def test_a_rewritten_training_image_is_recomputed(dataset: Path, tmp_path: Path) -> None:
+    root = shutil.copytree(dataset, tmp_path / "data")
+    image = root / "brick" / "train" / "good" / "000.png"
+    pixels = np.asarray(Image.open(image))
+    # Uncompressed: another picture of the same shape gives a file of the same size in bytes.
+    Image.fromarray(pixels).save(image, compress_level=0)
+    arguments = {"cache_dir": str(tmp_path / "cache"), "cache_memory_budget_mb": 0}
+    _, first_images = train(root, tmp_path, epochs=1, **arguments)
+
+    before = image.stat()
+    Image.fromarray(np.ascontiguousarray(pixels[::-1])).save(image, compress_level=0)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = image.stat()
+    # Path, size and modification time are those of the old image: only the content tells them apart.
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    _, second_images = train(root, tmp_path, epochs=2, **arguments)
+    assert (first_images, second_images) == (N_TRAIN, 1)
+
+
+def test_a_full_disk_leaves_training_running(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    reference, _ = train(dataset, tmp_path, epochs=2, feature_cache=False)
+
+    def full_disk(*_arguments) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(feature_cache, "_write_at", full_disk)
+    with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
+        losses, images = train(dataset, tmp_path, epochs=2, cache_dir=str(tmp_path / "cache"), cache_memory_budget_mb=0)
+    assert images == 2 * N_TRAIN  # nothing cached: the teacher ran every epoch
+    # float16 storage rounds the teacher's features whether or not they are cached.
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=1e-3, rtol=0)
+    (warning,) = [record for record in caplog.records if "Teacher-feature cache" in record.getMessage()]
+    assert "is full" in warning.getMessage()
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert not (folder / "rank0.json").exists()
+    assert (folder / "rank0.bin").stat().st_size == 0
 
 
 def test_augmented_training_turns_the_cache_off(

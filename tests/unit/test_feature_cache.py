@@ -1,9 +1,12 @@
-"""The teacher-feature cache: hits and misses, memory budget and spill file, keys, damaged files."""
+"""The teacher-feature cache: hits and misses, budgets, spill files, keys, damaged files, shared folders, full disk."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,16 +16,20 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.pre_processing import OriginalSizePreProcessor
+from anomalib_transformer_student.training import feature_cache
 from anomalib_transformer_student.training.feature_cache import (
     CacheDirectoryError,
+    ImageKeys,
     TeacherFeatureCache,
     ensure_writable,
     feature_fingerprint,
+    folder_bytes,
     image_key,
 )
 
 TOKENS, WIDTH = 16, 8
-ENTRY_MB = 2 * TOKENS * WIDTH * 2 / 2**20  # one float16 entry
+ENTRY_BYTES = 2 * TOKENS * WIDTH * 2  # one float16 entry
+ENTRY_MB = ENTRY_BYTES / 2**20
 FINGERPRINT = feature_fingerprint({"teacher": "fake"})
 
 
@@ -155,27 +162,171 @@ def test_unwritable_folder_is_named_in_the_error(tmp_path: Path) -> None:
     assert ensure_writable(tmp_path / "new" / "cache").is_dir()
 
 
-def test_image_key_follows_path_size_and_modification_time(tmp_path: Path) -> None:
+def test_image_key_follows_the_content_only(tmp_path: Path) -> None:
     image = tmp_path / "000.png"
     image.write_bytes(b"12345")
     key = image_key(image)
     assert key == image_key(str(image))
 
-    copy = tmp_path / "001.png"
+    # The same bytes elsewhere (a moved or copied dataset) keep the key, and so does a touch.
+    copy = tmp_path / "moved" / "000.png"
+    copy.parent.mkdir()
     copy.write_bytes(b"12345")
-    os.utime(copy, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns))
-    assert image_key(copy) != key
-
+    assert image_key(copy) == key
     stat = image.stat()
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    touched = image_key(image)
-    assert touched != key
+    assert image_key(image) == key
 
-    mtime = image.stat().st_mtime_ns
-    image.write_bytes(b"123456")
-    os.utime(image, ns=(mtime, mtime))
-    assert image_key(image) not in {key, touched}
+    # Other bytes of the same size, with the old modification time restored (as tar, rsync -t or cp -p
+    # do): path, size and time cannot tell it from the old image, the content does.
+    before = image.stat()
+    image.write_bytes(b"54321")
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = image.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert image_key(image) != key
     assert image_key(tmp_path / "missing.png") is None
+
+
+def test_image_keys_hash_each_file_once_until_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "000.png"
+    image.write_bytes(b"12345")
+    reads: list[object] = []
+    monkeypatch.setattr(feature_cache, "image_key", lambda path: reads.append(path) or image_key(path))
+    keys = ImageKeys()
+    old = keys(image)
+    assert keys(image) == old == image_key(image)
+    assert len(reads) == 1
+
+    # A rewrite that restores size and modification time still changes the change time, which
+    # moves in coarse ticks (a few ms): wait one out, so that the rewrite falls in a later tick.
+    time.sleep(0.05)
+    before = image.stat()
+    image.write_bytes(b"54321")
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert keys(image) == image_key(image) != old
+    assert len(reads) == 2
+    assert keys(tmp_path / "missing.png") is None
+
+
+def test_two_caches_open_at_once_never_serve_each_others_entries(tmp_path: Path) -> None:
+    teacher = CountingTeacher()
+    first = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    second = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    assert (first.spill.data_path.name, second.spill.data_path.name) == ("rank0.bin", "rank0-1.bin")
+    first_expected, second_expected = teacher(batch([0, 1]))[0], teacher(batch([2, 3]))[0]
+    # The same keys with other data: in one shared file, each would read the slots the other wrote last.
+    for _ in range(2):  # the second round comes from the files
+        shallow, _ = first.tokens(["a", "b"], batch([0, 1]), teacher)
+        torch.testing.assert_close(shallow, first_expected, atol=1e-3, rtol=1e-3)
+        shallow, _ = second.tokens(["a", "b"], batch([2, 3]), teacher)
+        torch.testing.assert_close(shallow, second_expected, atol=1e-3, rtol=1e-3)
+    assert (first.hits, second.hits, first.disk_entries, second.disk_entries) == (2, 2, 2, 2)
+    first.close()
+    second.close()
+
+
+def test_a_finished_caches_file_is_adopted_by_the_next_cache(tmp_path: Path) -> None:
+    teacher = CountingTeacher()
+    first = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    expected, _ = teacher(batch([0, 1, 2]))
+    first.tokens(["a", "b"], batch([0, 1]), teacher)
+    first.close()
+
+    teacher.images_seen = 0
+    second = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    assert second.spill.data_path == first.spill.data_path
+    shallow, _ = second.tokens(["a", "b", "c"], batch([0, 1, 2]), teacher)
+    assert teacher.images_seen == 1
+    torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
+    second.close()
+    # Sequential runs fill one file.
+    assert [path.name for path in second.folder.glob("*.bin")] == ["rank0.bin"]
+
+
+def test_a_running_caches_entries_are_checked_on_every_read(tmp_path: Path) -> None:
+    teacher = CountingTeacher()
+    running = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    running.tokens(["a", "b"], batch([0, 1]), teacher)
+    expected, _ = teacher(batch([0, 1]))
+
+    teacher.images_seen = 0
+    reader = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    assert reader.spill.data_path != running.spill.data_path
+    shallow, _ = reader.tokens(["a", "b"], batch([0, 1]), teacher)
+    assert teacher.images_seen == 0  # read from the running cache's file
+    torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
+
+    # The running cache's process writes another entry over the slot of "a" (as it may, after a failed checksum).
+    with running.spill.data_path.open("r+b") as data:
+        data.write(bytes(range(256)) * (ENTRY_BYTES // 256))
+    shallow, _ = reader.tokens(["a", "b"], batch([0, 1]), teacher)
+    assert teacher.images_seen == 1
+    torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
+    assert set(reader.spill.entries) == {"a"}  # now in the reader's own file
+    reader.close()
+    running.close()
+
+
+def test_the_disk_budget_bounds_the_spill_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    teacher = CountingTeacher()
+    budget_mb = 3 * ENTRY_MB  # the index takes room too: two entries fit, not three
+    cache = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0, disk_budget_mb=budget_mb)
+    expected, _ = teacher(batch(list(range(5))))
+    teacher.images_seen = 0
+    with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
+        for _ in range(2):
+            shallow, _ = cache.tokens(list("abcde"), batch(list(range(5))), teacher)
+            torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
+    assert cache.disk_entries == 2
+    assert teacher.images_seen == 5 + 3  # the entries beyond the budget are computed every epoch
+    assert folder_bytes(cache.folder) <= budget_mb * 2**20
+    (warning,) = caplog.records
+    assert f"disk budget of {budget_mb:g} MB is reached" in warning.getMessage()
+    assert str(cache.folder) in warning.getMessage()
+    assert "cache_disk_budget_mb" in warning.getMessage()
+    assert f"MB on disk in {cache.folder} (budget {budget_mb:g} MB)" in cache.summary()
+    cache.close()
+
+
+def test_a_full_disk_stops_spilling_not_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    write = feature_cache._write_at
+    writes: list[int] = []
+
+    def fill_up(file, offset: int, data: memoryview) -> None:
+        writes.append(offset)
+        if len(writes) == 3:  # the disk fills up halfway through the third entry
+            write(file, offset, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(file, offset, data)
+
+    monkeypatch.setattr(feature_cache, "_write_at", fill_up)
+    teacher = CountingTeacher()
+    cache = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    expected, _ = teacher(batch(list(range(5))))
+    teacher.images_seen = 0
+    with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
+        for _ in range(2):
+            shallow, _ = cache.tokens(list("abcde"), batch(list(range(5))), teacher)
+            torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
+    assert teacher.images_seen == 5 + 3
+    assert len(writes) == 3  # no write is tried after the disk was found full
+    (warning,) = caplog.records
+    assert f"the disk of {cache.folder} is full" in warning.getMessage()
+    assert f"{ENTRY_MB:.1f} MB needed per image" in warning.getMessage()
+    # Neither the index nor the data file keep anything of the failed entry.
+    assert set(json.loads(cache.spill.index_path.read_text())["entries"]) == {"a", "b"}
+    assert cache.spill.data_path.stat().st_size == 2 * ENTRY_BYTES
+    cache.close()
+
+    teacher.images_seen = 0
+    again = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
+    shallow, _ = again.tokens(list("abc"), batch([0, 1, 2]), teacher)
+    assert teacher.images_seen == 1
+    torch.testing.assert_close(shallow, expected[:3], atol=1e-3, rtol=1e-3)
+    again.close()
 
 
 def _model(**overrides) -> TransformerStudent:

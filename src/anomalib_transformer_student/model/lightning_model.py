@@ -1,11 +1,13 @@
 """TransformerStudent: the Lightning module that anomalib's Engine and CLI drive.
 
 Example:
-    >>> from anomalib.data import MVTecAD
-    >>> from anomalib.engine import Engine
-    >>> from anomalib_transformer_student import TransformerStudent
-    >>> engine = Engine(max_epochs=50)
-    >>> engine.fit(TransformerStudent(), datamodule=MVTecAD(category="screw"))  # doctest: +SKIP
+    Training on MVTec AD (downloads the dataset and the teacher's weights)::
+
+        from anomalib.data import MVTecAD
+        from anomalib.engine import Engine
+        from anomalib_transformer_student import TransformerStudent
+
+        Engine(max_epochs=50).fit(TransformerStudent(), datamodule=MVTecAD(category="screw", train_batch_size=4))
 """
 
 from __future__ import annotations
@@ -25,8 +27,17 @@ from lightning.pytorch.trainer.states import TrainerFn
 from ..deploy.export import TransformerStudentExportMixin
 from ..training.checkpoint_compat import check_checkpoint_compatible, record_architecture, use_current_evaluator
 from ..training.data_checks import DataChecks
+from ..training.evaluation_features import EvaluationFeatures
 from ..training.finite_features import check_finite_features
 from ..training.rng_state import capture_rng_state, restore_rng_state
+from ..training.schedule import apply_paper_epochs, note_batch_size
+from ..training.teacher_checkpoint import (
+    TeacherSource,
+    is_final_checkpoint,
+    omit_teacher,
+    restore_teacher,
+    teacher_source,
+)
 from ..training.teacher_weights import teacher_state_dict
 from ..training.training_features import TrainingFeatures, pre_processing_spec
 from .pre_processing import OriginalSizePreProcessor, evaluation_input, square_resize_transform
@@ -56,7 +67,10 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
     paper's high resolution (1036 px, 74 x 74 patches) that lets it see tiny defects.
 
     The teacher's pretrained weights are fetched when training (or testing an untrained model)
-    starts, not at construction, so that a checkpoint, which holds the teacher, loads offline.
+    starts, not at construction, so that the checkpoint a fit ends with, which holds the teacher,
+    loads offline. Checkpoints written before the last epoch leave the frozen teacher out when its
+    weights can be fetched again (a ``teacher_weights`` file, or timm's weights in the Hugging Face
+    cache), and fetch them on load.
 
     Args:
         teacher: timm name of the Vision Transformer teacher.
@@ -74,21 +88,32 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         blur_kernel_sizes: Odd box-filter sizes of the map smoothing stages.
         blur_repeats: How often each smoothing stage is applied.
         topk_ratio: Fraction of map pixels whose mean is the image score.
-        max_epochs: Epochs to train, imposed on the trainer; for anomalib's benchmark pipeline,
-            which gives the trainer no options. ``None`` (default) leaves the trainer's own
-            setting (``--trainer.max_epochs``; the paper trains 50 epochs).
+        max_epochs: Epochs to train, imposed on the trainer (anomalib's benchmark pipeline gives
+            the trainer no options). ``None`` (default) leaves the trainer's own setting
+            (``--trainer.max_epochs``), and without one the paper's 50 epochs, not Lightning's
+            1000 (see :mod:`~anomalib_transformer_student.training.schedule`).
         feature_cache: Cache the teacher's features of each training image after the first
             epoch, so that later epochs run only the students. ``None`` (default) turns it on
             unless the datamodule applies train-time augmentation; ``True`` keeps it on even
-            then (each image's features come from its first augmented version).
+            then (each image's features come from its first augmented version). The same switch
+            governs the evaluation-feature cache: each validation and test image's features
+            (float32, exact) come from its first validation and serve every later validation of
+            the fit and the test after it (see
+            :mod:`~anomalib_transformer_student.training.evaluation_features`); ``None`` leaves
+            it on unless the evaluation images themselves are augmented; ``False`` turns both
+            off. Predict is never cached.
         cache_dir: Folder of the cache's disk part (entries beyond the memory budget);
             default ``~/.cache/anomalib_transformer_student/teacher_features``. Must be
             writable, else training stops before it starts.
         cache_dtype: Storage dtype of cached features: ``"float16"`` (default, half the
             memory) or ``"float32"`` (exact).
         cache_memory_budget_mb: Memory for cached features per process; beyond it they go to
-            a memory-mapped file in ``cache_dir``, which later runs with the same teacher,
-            weights, layers, image size and pre-processing reuse. ``0`` keeps all on disk.
+            a file in ``cache_dir``, which later runs with the same teacher, weights, layers,
+            image size and pre-processing reuse. ``0`` keeps all on disk.
+        cache_disk_budget_mb: Disk for the cache's files in ``cache_dir`` per teacher, weights,
+            layers, image size and pre-processing, all categories and processes together
+            (default 20 GiB); beyond it further images are not cached (one warning naming the
+            folder). A full disk does not stop training either: caching stops, with one warning.
         full_resolution_maps: At validation, test and predict, return each anomaly map at its
             image's original size (upsampled to the square-padded original size, padding
             cropped away), with ``gt_mask`` left at full resolution, as the paper evaluates.
@@ -128,6 +153,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         cache_dir: str | None = None,
         cache_dtype: Literal["float16", "float32"] = "float16",
         cache_memory_budget_mb: float = 4096.0,
+        cache_disk_budget_mb: float = 20480.0,
         full_resolution_maps: bool = True,
         teacher_precision: Literal["float32", "float16", "bfloat16"] = "float32",
         skip_corrupt_images: bool = False,
@@ -168,7 +194,14 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
                 "full_resolution_maps applies to the default pre-processor; with a custom one, maps come at the "
                 "size the pre-processor gives, in evaluation and in exported models alike."
             )
-        self.training_features = TrainingFeatures(feature_cache, cache_dir, cache_dtype, cache_memory_budget_mb)
+        self.training_features = TrainingFeatures(
+            feature_cache, cache_dir, cache_dtype, cache_memory_budget_mb, cache_disk_budget_mb
+        )
+        self.evaluation_features = EvaluationFeatures(
+            feature_cache, cache_dir, cache_memory_budget_mb, cache_disk_budget_mb
+        )
+        # The frozen teacher's digest, for checkpoints that leave the teacher out: hashed once per model.
+        self._teacher_digest_memo: dict[str, Any] = {}
 
     @classmethod
     def configure_pre_processor(
@@ -195,34 +228,83 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         return {"teacher": self.teacher_name, "layers": list(teacher.layers), "image_size": teacher.image_size}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also record the architecture (checked on load) and the random generators' state (restored on resume)."""
+        """Also record the architecture (checked on load) and the random generators' state (restored on resume).
+
+        Before the last epoch of a fit, leave the frozen teacher out when its weights can be fetched again
+        (see :mod:`~anomalib_transformer_student.training.teacher_checkpoint`).
+        """
         super().on_save_checkpoint(checkpoint)
         record_architecture(checkpoint, self.architecture)
         checkpoint["rng_state"] = capture_rng_state()
+        if not is_final_checkpoint(self._trainer):
+            source = teacher_source(self.teacher_name, self.pretrained, self.teacher_weights)
+            if source is not None:
+                omit_teacher(checkpoint, source, memo=self._teacher_digest_memo)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Prepare a checkpoint before its state dict loads.
 
-        Refuse one of another teacher, layers or size; keep this model's metrics (evaluator); when resuming a
+        Refuse one of another teacher, layers or size; keep this model's metrics (evaluator); fetch the
+        teacher's weights again for a checkpoint written without them (verified by digest); when resuming a
         fit, restore the random generators.
         """
         check_checkpoint_compatible(checkpoint, self.architecture, self.model.teacher.depth)
         use_current_evaluator(checkpoint, self.evaluator)
+        restore_teacher(checkpoint, self._reload_teacher, self.teacher_weights)
         super().on_load_checkpoint(checkpoint)
         if "rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             restore_rng_state(checkpoint["rng_state"])
 
+    def _reload_teacher(self, source: TeacherSource) -> dict[str, torch.Tensor]:
+        """Load the teacher's weights from ``source`` (a checkpoint left them out); return its backbone's state."""
+        teacher = self.model.teacher
+        teacher.load_backbone_state_dict(teacher_state_dict(source.teacher, source.weights))
+        return teacher.backbone.state_dict()
+
     def load_teacher_weights(self) -> None:
         """Fetch and load the teacher's pretrained weights unless the teacher already holds them.
 
-        Runs when a stage starts, after any checkpoint restore, so that a checkpoint (which holds
-        the teacher) loads offline.
+        Runs when a stage starts, after any checkpoint restore, so that a checkpoint that holds the
+        teacher (the one a fit ends with) loads offline.
         """
         teacher = self.model.teacher
         if not bool(teacher.weights_loaded):
             teacher.load_backbone_state_dict(teacher_state_dict(self.teacher_name, self.teacher_weights))
 
-    on_fit_start = on_validation_start = on_test_start = on_predict_start = load_teacher_weights
+    def _start_evaluation(self, stage: str) -> None:
+        """Load the teacher's weights, then keep or open the evaluation-feature cache for ``stage``."""
+        self.load_teacher_weights()
+        training_cache = self.training_features.cache
+        self.evaluation_features.open(
+            self.trainer,
+            stage,
+            self.model.teacher,
+            {**self.feature_identity, "keep_original_size": getattr(self.pre_processor, "keep_original_size", None)},
+            memory_in_use=0 if training_cache is None else training_cache.memory_bytes,
+        )
+
+    def on_validation_start(self) -> None:
+        """Load the teacher's weights; reuse the evaluation features of earlier validations of this fit."""
+        self._start_evaluation("validate")
+
+    def on_test_start(self) -> None:
+        """Load the teacher's weights; reuse the evaluation features of the fit's validations."""
+        self._start_evaluation("test")
+
+    def on_predict_start(self) -> None:
+        """Load the teacher's weights (predict batches are not cached)."""
+        self._start_evaluation("predict")
+
+    def teardown(self, stage: str) -> None:
+        """After a test, release the evaluation-feature cache (kept from the fit's validations until then)."""
+        super().teardown(stage)
+        if stage == "test":
+            self.evaluation_features.close(self.global_rank)
+
+    def on_fit_start(self) -> None:
+        """Train the paper's 50 epochs unless an epoch count was given; load the teacher's weights."""
+        apply_paper_epochs(self.trainer)
+        self.load_teacher_weights()
 
     @property
     def learning_type(self) -> LearningType:
@@ -231,7 +313,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """Only ``max_epochs`` when the constructor was given one; the paper's 50 epochs are in the configs."""
+        """Only ``max_epochs`` when the constructor was given one (without, see ``on_fit_start``)."""
         return {} if self.max_epochs is None else {"max_epochs": self.max_epochs}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -255,6 +337,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
 
     def on_train_start(self) -> None:
         """Open the teacher-feature cache once the teacher holds its weights (see ``feature_cache``)."""
+        note_batch_size(getattr(self.trainer.train_dataloader, "batch_size", None))
         self.training_features.open(self.trainer, self.model.teacher, self.feature_identity)
 
     def on_train_end(self) -> None:
@@ -281,14 +364,19 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Anomaly maps (at the original size with ``full_resolution_maps``) and scores of evaluation images."""
         del args, kwargs
-        return batch.update(**self._predict(batch.image)._asdict())
+        return batch.update(**self._predict(batch.image, batch.image_path)._asdict())
 
     test_step = predict_step = validation_step
 
-    def _predict(self, images: torch.Tensor) -> InferenceBatch:
-        """Predictions for evaluation images as the steps receive them (after the pre-processor's hooks)."""
+    def _predict(self, images: torch.Tensor, paths: Sequence[str] | None = None) -> InferenceBatch:
+        """Predictions for evaluation images as the steps receive them (after the pre-processor's hooks).
+
+        The teacher's tokens come from the evaluation-feature cache where it holds them (``paths``
+        name the images); ``forward``, the export path, never uses it.
+        """
         model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
-        return self.model(model_input, **placement)
+        shallow, deep = self.evaluation_features.tokens(model_input, paths, self.model.teacher_features)
+        return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)
 
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
         """Pre-process, predict and post-process raw images, as exported models do."""

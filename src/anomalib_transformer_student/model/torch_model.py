@@ -117,7 +117,27 @@ class TransformerStudentModel(nn.Module):
         shallow, deep = self.teacher_features(images)
         if self.training:
             return self.student_loss(shallow, deep)
-        output_size, window = tuple(images.shape[-2:]), None
+        return self.predict(shallow, deep, tuple(images.shape[-2:]), original_size, square_padded)
+
+    def predict(
+        self,
+        shallow: torch.Tensor,
+        deep: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int] | None = None,
+        square_padded: bool = True,
+    ) -> InferenceBatch:
+        """``InferenceBatch(pred_score, anomaly_map)`` from the teacher's tokens (callers may pass cached tokens).
+
+        Args:
+            shallow: The teacher's shallow tokens ``(B, N, D)``.
+            deep: The teacher's deep tokens ``(B, N, D)``.
+            input_size: ``(height, width)`` of the images the teacher saw: the map's size when
+                ``original_size`` is ``None``.
+            original_size: As in :meth:`forward`.
+            square_padded: As in :meth:`forward`.
+        """
+        output_size, window = tuple(input_size), None
         if original_size is not None and square_padded:
             side = square_padding(original_size)[0]
             output_size, window = (side, side), original_size

@@ -18,11 +18,11 @@ from anomalib.pre_processing.utils.spec import transform_to_spec
 
 from .feature_cache import (
     CACHE_DTYPES,
+    ImageKeys,
     TeacherFeatureCache,
     default_cache_dir,
     ensure_writable,
     feature_fingerprint,
-    image_key,
     weights_digest,
 )
 
@@ -63,6 +63,7 @@ class TrainingFeatures:
         cache_dir: Folder of the disk part; default :func:`default_cache_dir`.
         cache_dtype: ``"float16"`` or ``"float32"``.
         memory_budget_mb: Memory for entries before they spill to disk.
+        disk_budget_mb: Disk for the spill files of one fingerprint (all runs and processes together).
 
     Example:
         >>> features = TrainingFeatures(enabled=False)
@@ -78,6 +79,7 @@ class TrainingFeatures:
         cache_dir: str | Path | None = None,
         cache_dtype: str = "float16",
         memory_budget_mb: float = 4096.0,
+        disk_budget_mb: float = 20480.0,
     ) -> None:
         if cache_dtype not in CACHE_DTYPES:
             msg = f"cache_dtype must be one of {list(CACHE_DTYPES)}, got '{cache_dtype}'."
@@ -86,7 +88,9 @@ class TrainingFeatures:
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
         self.memory_budget_mb = memory_budget_mb
+        self.disk_budget_mb = disk_budget_mb
         self.cache: TeacherFeatureCache | None = None
+        self._image_keys = ImageKeys()
 
     def open(self, trainer: Trainer, teacher: nn.Module, identity: Mapping[str, Any]) -> None:
         """Open the cache for this fit, unless it is off (call once the teacher holds its weights).
@@ -121,8 +125,10 @@ class TrainingFeatures:
             fingerprint,
             dtype=CACHE_DTYPES[self.cache_dtype],
             memory_budget_mb=self.memory_budget_mb,
-            name=f"rank{trainer.global_rank}",
+            disk_budget_mb=self.disk_budget_mb,
+            rank=trainer.global_rank,
         )
+        self._image_keys = ImageKeys()
         logger.info(
             "Teacher-feature cache on (%s, %s); disk part in %s.", self.cache_dtype, self.cache.summary(), directory
         )
@@ -144,11 +150,11 @@ class TrainingFeatures:
         """Shallow and deep tokens of a batch: from the cache where it holds them, else from ``teacher``."""
         if self.cache is None:
             return teacher(images)
-        keys = [None if path is None else image_key(path) for path in paths or [None] * len(images)]
+        keys = [None if path is None else self._image_keys(path) for path in paths or [None] * len(images)]
         return self.cache.tokens(keys, images, teacher)
 
     def close(self, rank: int = 0) -> None:
-        """Report and release the cache; its disk part stays for later runs."""
+        """Report (with the disk the spill files take) and release the cache; its disk part stays for later runs."""
         if self.cache is not None:
             logger.info("Teacher-feature cache (rank %d): %s.", rank, self.cache.summary())
             self.cache.close()

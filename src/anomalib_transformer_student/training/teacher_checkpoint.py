@@ -1,0 +1,244 @@
+"""Checkpoints written during a fit leave out the frozen teacher when its weights can be fetched again.
+
+A checkpoint of ``TransformerStudent`` holds the teacher (about 350 MB for ViT-B) and two small students.
+anomalib's ``ModelCheckpoint`` writes ``weights/lightning/model.ckpt`` after every epoch, and once the
+teacher's features are cached, writing the frozen teacher again and again costs about as much as the epoch
+itself. So a checkpoint written before the last epoch of a fit keeps only the students (and the optimiser,
+the generators, ...) when the teacher has a source to reload it from: a ``teacher_weights`` file, or timm's
+pretrained weights (Hugging Face cache or Hub). It records that source and the SHA-256 of the teacher's
+tensors as they were (:func:`omit_teacher`). A teacher with random weights (``pretrained=False``) has no
+source and always stays in, as does the teacher of the checkpoint written at the last epoch (or when the
+trainer stops early, or after the fit), so the checkpoint a run ends with loads offline.
+
+Loading a checkpoint without its teacher (resuming from ``last.ckpt``, testing an intermediate one) fetches
+the weights again, loads them into the model's teacher the way training did (the positional embedding
+resampled to the input grid), and puts the teacher's tensors back into the state dict before Lightning's
+strict load; their digest must equal the recorded one (:func:`restore_teacher`). When the source is not
+available, loading stops with :class:`TeacherNotInCheckpointError`, which names the teacher, its source and
+the ways out.
+
+The functions work on the checkpoint dict and plain data; the Lightning module's hooks call them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+from .teacher_weights import is_cached
+
+TEACHER_KEY = "transformer_student_teacher"
+# The teacher's tensors in the Lightning module's state dict. ``model.teacher.weights_loaded`` stays in.
+TEACHER_PREFIX = "model.teacher.backbone."
+
+
+class TeacherNotInCheckpointError(RuntimeError):
+    """A checkpoint without the teacher's weights, whose weights source is not available or has changed."""
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where the teacher's weights can be fetched again: the file ``weights``, or timm's pretrained ones if ``None``."""
+
+    teacher: str
+    weights: str | None
+
+    def describe(self) -> str:
+        """The source in words, for messages.
+
+        Example:
+            >>> TeacherSource("vit_small_patch14_dinov2", "/data/dinov2.safetensors").describe()
+            "the weights file '/data/dinov2.safetensors'"
+            >>> TeacherSource("vit_small_patch14_dinov2.lvd142m", None).describe()
+            "timm's pretrained weights of 'vit_small_patch14_dinov2.lvd142m' (Hugging Face cache or Hub)"
+        """
+        if self.weights is not None:
+            return f"the weights file '{self.weights}'"
+        return f"timm's pretrained weights of '{self.teacher}' (Hugging Face cache or Hub)"
+
+
+def teacher_source(teacher: str, pretrained: bool, weights: str | None) -> TeacherSource | None:
+    """The source the teacher's weights can be reloaded from now, else ``None``.
+
+    ``None`` for random weights (``pretrained=False``), for a ``weights`` file that is not there (a teacher
+    that came from a checkpoint) and for timm's pretrained weights that are not in the local Hugging Face
+    cache: then checkpoints keep the teacher.
+
+    Example:
+        >>> teacher_source("vit_small_patch14_dinov2", pretrained=False, weights=None) is None
+        True
+        >>> teacher_source("vit_small_patch14_dinov2", pretrained=True, weights="/no/such/file.safetensors") is None
+        True
+    """
+    if not pretrained:
+        return None
+    if weights is not None:
+        return TeacherSource(teacher, weights) if Path(weights).expanduser().is_file() else None
+    return TeacherSource(teacher, None) if is_cached(teacher) else None
+
+
+def is_final_checkpoint(trainer: Any) -> bool:
+    """Whether a checkpoint written now must hold the teacher: anything but a save in the middle of a fit.
+
+    A save during a running fit is final at its last epoch (``current_epoch + 1 >= max_epochs``; Lightning
+    counts the epoch as done only after the checkpoint callbacks' ``on_train_epoch_end``), when
+    ``max_steps`` is reached, or when the trainer is stopping (``should_stop``: early stopping or
+    ``max_time``, whose callbacks run before the checkpoint callbacks). Saves outside a running fit
+    (``trainer.save_checkpoint`` after it, during a test) are final too.
+    """
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING or trainer.state.status != TrainerStatus.RUNNING:
+        return True
+    if trainer.should_stop:
+        return True
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    max_steps = trainer.max_steps
+    return max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of tensors by name, shape, dtype and value, in key order.
+
+    Computed as :func:`~anomalib_transformer_student.training.feature_cache.weights_digest` computes a
+    module's, over ``state`` instead of ``module.state_dict()``.
+
+    Example:
+        >>> state_digest({"w": torch.zeros(2)}) == state_digest({"w": torch.zeros(2)})
+        True
+        >>> state_digest({"w": torch.zeros(2)}) == state_digest({"w": torch.ones(2)})
+        False
+    """
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _memo_key(state: Mapping[str, torch.Tensor]) -> tuple:
+    # The tensors' storage and version counter (bumped by every in-place change, ``load_state_dict`` among
+    # them) tell whether one model's teacher is still the one last hashed.
+    return tuple(
+        (name, tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, str(tensor.device))
+        for name, tensor in state.items()
+    )
+
+
+def _teacher_digest(state: Mapping[str, torch.Tensor], memo: dict[str, Any] | None) -> str:
+    if memo is None:
+        return state_digest(state)
+    key = _memo_key(state)
+    if memo.get("key") != key:
+        memo["key"], memo["digest"] = key, state_digest(state)
+    return memo["digest"]
+
+
+def omit_teacher(
+    checkpoint: dict[str, Any],
+    source: TeacherSource,
+    memo: dict[str, Any] | None = None,
+    prefix: str = TEACHER_PREFIX,
+) -> None:
+    """Remove the teacher's tensors from ``checkpoint["state_dict"]``, recording their source and digest.
+
+    Call it from ``on_save_checkpoint`` (the state dict is already filled) for checkpoints that need not
+    hold the teacher (see :func:`is_final_checkpoint`). ``memo``, a dict kept by the model (one per model),
+    spares hashing the frozen teacher at every epoch.
+
+    Example:
+        >>> checkpoint = {"state_dict": {"model.teacher.backbone.w": torch.ones(2), "model.student.w": torch.ones(1)}}
+        >>> omit_teacher(checkpoint, TeacherSource("vit_small_patch14_dinov2", "w.safetensors"))
+        >>> list(checkpoint["state_dict"]), checkpoint[TEACHER_KEY]["keys"]
+        (['model.student.w'], ['model.teacher.backbone.w'])
+    """
+    state = checkpoint["state_dict"]
+    teacher = {key: state[key] for key in state if key.startswith(prefix)}
+    if not teacher:
+        return
+    checkpoint[TEACHER_KEY] = {
+        "omitted": True,
+        "teacher": source.teacher,
+        "weights": source.weights,
+        "keys": list(teacher),
+        "digest": _teacher_digest(teacher, memo),
+    }
+    for key in teacher:
+        del state[key]
+
+
+def omits_teacher(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` was written without the teacher's tensors (see :func:`omit_teacher`)."""
+    record = checkpoint.get(TEACHER_KEY)
+    return isinstance(record, Mapping) and bool(record.get("omitted"))
+
+
+def _failure(record: Mapping[str, Any], source: TeacherSource, reason: str) -> TeacherNotInCheckpointError:
+    return TeacherNotInCheckpointError(
+        f"This checkpoint was written during training without the weights of its frozen teacher "
+        f"'{record['teacher']}', to be reloaded from {source.describe()}; {reason}.\n"
+        "Ways out:\n"
+        f"  1. make {source.describe()} available again (for a file moved elsewhere, pass its new path: "
+        f"`teacher_weights=PATH` to `load_from_checkpoint`, `--model.teacher_weights PATH` on the anomalib CLI);\n"
+        "  2. or use the checkpoint written at the end of the run (`weights/lightning/model.ckpt` of a finished "
+        "fit), which holds the teacher and loads offline."
+    )
+
+
+def restore_teacher(
+    checkpoint: dict[str, Any],
+    load: Callable[[TeacherSource], Mapping[str, torch.Tensor]],
+    weights: str | None = None,
+    prefix: str = TEACHER_PREFIX,
+) -> None:
+    """Put the teacher's tensors back into a checkpoint written without them, in place; nothing for others.
+
+    Call it from ``on_load_checkpoint``, before Lightning's strict ``load_state_dict``.
+
+    Args:
+        checkpoint: The loaded checkpoint.
+        load: Fetches the weights from a source, loads them into the model's teacher and returns the
+            teacher's state (keys without ``prefix``), as the model's state dict holds it.
+        weights: The model's own ``teacher_weights``: when set, it replaces the recorded source (moved weights).
+        prefix: Where the teacher's tensors sit in the state dict.
+
+    Raises:
+        TeacherNotInCheckpointError: If the weights cannot be fetched, or differ from those the checkpoint
+            was written with (digest), naming the teacher, its source and the ways out.
+    """
+    if not omits_teacher(checkpoint):
+        return
+    record = checkpoint[TEACHER_KEY]
+    recorded = record.get("weights")
+    source = TeacherSource(record["teacher"], weights if weights is not None else recorded)
+    try:
+        state = load(source)
+    except Exception as error:  # a missing file, an unreadable one, an offline Hub: all end here
+        raise _failure(record, source, f"they could not be loaded ({type(error).__name__}: {error})") from error
+    restored = {prefix + key: value for key, value in state.items()}
+    if sorted(restored) != sorted(record["keys"]) or state_digest(
+        {key: restored[key] for key in record["keys"]}
+    ) != record.get("digest"):
+        raise _failure(record, source, "the weights found there differ from those it was trained with (SHA-256)")
+    checkpoint["state_dict"].update(restored)
+    del checkpoint[TEACHER_KEY]
+
+
+__all__ = [
+    "TEACHER_KEY",
+    "TEACHER_PREFIX",
+    "TeacherNotInCheckpointError",
+    "TeacherSource",
+    "is_final_checkpoint",
+    "omit_teacher",
+    "omits_teacher",
+    "restore_teacher",
+    "state_digest",
+    "teacher_source",
+]

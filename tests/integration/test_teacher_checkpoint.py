@@ -1,0 +1,183 @@
+"""Checkpoints written before the last epoch leave out a teacher that has a weights source, and load from it.
+
+A 3-epoch fit with a teacher from a local weights file writes one checkpoint per epoch: those of epochs
+0 and 1 lack the teacher (and are much smaller), that of epoch 2 holds it and loads with the file deleted.
+A teacherless checkpoint loads when the file is there (weights verified by digest), and fails with a
+message naming the teacher, the file and the ways out when it is not. Resuming from a teacherless
+``last.ckpt`` ends with the same students as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from anomalib.callbacks.checkpoint import ModelCheckpoint
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, Trainer, seed_everything
+from safetensors.torch import save_file
+
+from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.training.teacher_checkpoint import (
+    TEACHER_KEY,
+    TEACHER_PREFIX,
+    TeacherNotInCheckpointError,
+)
+
+from ..helpers import SMALL_TEACHER
+
+SEED = 11
+EPOCHS = 3
+
+
+class Interrupted(Exception):
+    """Stands for a killed process."""
+
+
+class InterruptAtEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: TransformerStudent) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Interrupted
+
+
+@pytest.fixture(scope="module")
+def teacher_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return timm.create_model(SMALL_TEACHER, pretrained=False, num_classes=0).state_dict()
+
+
+def _weights_file(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    save_file({key: value.contiguous() for key, value in state.items()}, str(path))
+    return path
+
+
+def _model(weights: Path, workdir: Path) -> TransformerStudent:
+    return TransformerStudent(
+        teacher=SMALL_TEACHER,
+        pretrained=True,
+        teacher_weights=str(weights),
+        image_size=56,
+        layers=(0, 1),
+        cache_dir=str(workdir / "cache"),
+    )
+
+
+def _fit(
+    root: Path, weights: Path, workdir: Path, interrupt_at: int | None = None, ckpt_path: Path | None = None
+) -> TransformerStudent:
+    seed_everything(SEED)
+    datamodule = MVTecAD(root=root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
+    model = _model(weights, workdir)
+    checkpoint = ModelCheckpoint(
+        dirpath=workdir / "checkpoints",
+        filename="epoch{epoch}",
+        auto_insert_metric_name=False,
+        save_top_k=-1,
+        every_n_epochs=1,
+        save_last=True,
+    )
+    callbacks: list[Callback] = [checkpoint]
+    if interrupt_at is not None:
+        callbacks.append(InterruptAtEpoch(interrupt_at))
+    engine = Engine(
+        max_epochs=EPOCHS,
+        default_root_dir=workdir,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    engine.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return model
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _students(model: TransformerStudent) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.detach().clone()
+        for name in ("forward_student", "backward_student")
+        for key, value in getattr(model.model, name).state_dict().items()
+    }
+
+
+def _teacher(model: TransformerStudent) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.model.teacher.backbone.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_teacher_left_out_before_the_last_epoch_and_reloaded(
+    demo_root: Path, tmp_path: Path, teacher_state: dict[str, torch.Tensor]
+) -> None:
+    weights = _weights_file(tmp_path / "teacher.safetensors", teacher_state)
+    trained = _fit(demo_root, weights, tmp_path / "run")
+    directory = tmp_path / "run" / "checkpoints"
+    intermediate, final = directory / "epoch1.ckpt", directory / "epoch2.ckpt"
+
+    for path in (directory / "epoch0.ckpt", intermediate):
+        checkpoint = _load(path)
+        assert not any(key.startswith(TEACHER_PREFIX) for key in checkpoint["state_dict"]), path
+        assert checkpoint[TEACHER_KEY]["weights"] == str(weights)
+        assert "model.teacher.weights_loaded" in checkpoint["state_dict"]
+    for path in (final, directory / "last.ckpt"):
+        checkpoint = _load(path)
+        assert TEACHER_KEY not in checkpoint, path
+        assert any(key.startswith(TEACHER_PREFIX) for key in checkpoint["state_dict"]), path
+    assert intermediate.stat().st_size < 0.6 * final.stat().st_size
+
+    # A teacherless checkpoint loads while the file is there: teacher fetched again, verified, equal.
+    reloaded = TransformerStudent.load_from_checkpoint(intermediate)
+    expected_teacher = _teacher(trained)
+    for key, value in _teacher(reloaded).items():
+        assert torch.equal(value, expected_teacher[key]), key
+    saved_students = _load(intermediate)["state_dict"]
+    for key, value in _students(reloaded).items():
+        assert torch.equal(value, saved_students[f"model.{key}"]), key
+
+    # Other weights at the same place are refused (digest).
+    other = {key: value + 1 for key, value in teacher_state.items()}
+    _weights_file(weights, other)
+    with pytest.raises(TeacherNotInCheckpointError, match="differ"):
+        TransformerStudent.load_from_checkpoint(intermediate)
+
+    # Without the file: the final checkpoint loads (and needs no fetch); the teacherless one says what to do.
+    weights.unlink()
+    offline = TransformerStudent.load_from_checkpoint(final)
+    offline.load_teacher_weights()  # fetches nothing: the checkpoint held the teacher
+    for key, value in _teacher(offline).items():
+        assert torch.equal(value, expected_teacher[key]), key
+    with pytest.raises(TeacherNotInCheckpointError) as caught:
+        TransformerStudent.load_from_checkpoint(intermediate)
+    message = str(caught.value)
+    assert SMALL_TEACHER in message
+    assert str(weights) in message
+    assert "teacher_weights" in message
+    assert "holds the teacher" in message
+
+
+@pytest.mark.slow
+def test_resume_from_a_teacherless_checkpoint_equals_an_uninterrupted_run(
+    demo_root: Path, tmp_path: Path, teacher_state: dict[str, torch.Tensor]
+) -> None:
+    weights = _weights_file(tmp_path / "teacher.safetensors", teacher_state)
+    reference = _fit(demo_root, weights, tmp_path / "uninterrupted")
+
+    workdir = tmp_path / "interrupted"
+    with pytest.raises(Interrupted):
+        _fit(demo_root, weights, workdir, interrupt_at=1)
+    last = workdir / "checkpoints" / "last.ckpt"
+    assert TEACHER_KEY in _load(last)
+    resumed = _fit(demo_root, weights, workdir, ckpt_path=last)
+
+    assert resumed.trainer.global_step == reference.trainer.global_step > 0
+    expected, actual = _students(reference), _students(resumed)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=0, msg=lambda text, name=name: f"{name}: {text}")

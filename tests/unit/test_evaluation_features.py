@@ -1,0 +1,152 @@
+"""Evaluation-feature cache: exact reuse, recomputation of changed images and teachers, when it is off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.training.evaluation_features import EvaluationFeatures
+
+
+def trainer(**datamodule_attributes: object) -> SimpleNamespace:
+    """What ``EvaluationFeatures.open`` reads of a trainer."""
+    datamodule = SimpleNamespace(**datamodule_attributes) if datamodule_attributes else None
+    return SimpleNamespace(datamodule=datamodule, val_dataloaders=None, test_dataloaders=None, global_rank=0)
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (70, 50)) -> torch.Tensor:
+    """Write a random RGB image; return it as the datamodule would (``(3, H, W)`` in [0, 1])."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+
+
+class ImageCounter(list):
+    """Forward hook counting the images a module sees (in ``[0]``); picklable, unlike a lambda."""
+
+    def __init__(self) -> None:
+        super().__init__([0])
+
+    def __call__(self, _module: torch.nn.Module, inputs: tuple[torch.Tensor], _outputs: object) -> None:
+        self[0] += len(inputs[0])
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> tuple[TransformerStudent, ImageCounter]:
+    """A small eval-mode model whose teacher counts the images it sees."""
+    torch.manual_seed(0)
+    student = TransformerStudent(
+        teacher="vit_small_patch14_dinov2",
+        pretrained=False,
+        image_size=56,
+        layers=(0, 1),
+        cache_dir=str(tmp_path / "cache"),
+    ).eval()
+    seen = ImageCounter()
+    student.model.teacher.register_forward_hook(seen)
+    return student, seen
+
+
+def open_for(model: TransformerStudent, stage: str = "validate", **datamodule_attributes: object) -> None:
+    model.evaluation_features.open(trainer(**datamodule_attributes), stage, model.model.teacher, model.feature_identity)
+
+
+def assert_same(actual, expected, rows: list[int] | None = None) -> None:
+    """Maps and scores agree to 1e-5 (``expected`` restricted to ``rows``)."""
+    rows = rows if rows is not None else list(range(len(expected.pred_score)))
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map[rows], atol=1e-5, rtol=0)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score[rows], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_maps_and_scores_equal_fresh_ones(model, tmp_path: Path) -> None:
+    student, seen = model
+    paths = [str(tmp_path / f"{index}.png") for index in range(3)]
+    images = torch.stack([write_image(Path(path), index) for index, path in enumerate(paths)])
+    fresh = student._predict(images)  # no paths: never cached
+    open_for(student)
+    seen[0] = 0
+    first = student._predict(images[:2], paths[:2])
+    assert seen[0] == 2
+    # A batch mixing cached and new images, in another order: only the new one runs.
+    order = [2, 0, 1]
+    second = student._predict(images[order], [paths[index] for index in order])
+    assert seen[0] == 3
+    third = student._predict(images, paths)
+    assert seen[0] == 3
+    assert student.evaluation_features.cache.hits == 5
+    assert_same(first, fresh, [0, 1])
+    assert_same(second, fresh, order)
+    assert_same(third, fresh)
+    # The next stage (the test after the fit) keeps the cache: same fingerprint.
+    cache = student.evaluation_features.cache
+    open_for(student, "test")
+    assert student.evaluation_features.cache is cache
+    student._predict(images, paths)
+    assert seen[0] == 3
+    # forward, the export path, never uses the cache.
+    student(images)
+    assert seen[0] == 6
+
+
+@torch.no_grad()
+def test_changed_image_and_changed_teacher_are_recomputed(model, tmp_path: Path) -> None:
+    student, seen = model
+    path = tmp_path / "image.png"
+    image = write_image(path, 0)[None]
+    open_for(student)
+    student._predict(image, [str(path)])
+    changed = write_image(path, 1)[None]  # same path, new bytes
+    seen[0] = 0
+    cached = student._predict(changed, [str(path)])
+    assert seen[0] == 1
+    assert_same(cached, student._predict(changed))
+    # A teacher changed in place (a checkpoint loaded into it) gets another fingerprint.
+    fingerprint = student.evaluation_features.fingerprint
+    with torch.no_grad():
+        next(student.model.teacher.parameters()).add_(1.0)
+    open_for(student, "test")
+    assert student.evaluation_features.fingerprint != fingerprint
+    seen[0] = 0
+    student._predict(changed, [str(path)])
+    assert seen[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("enabled", "stage", "augmentations", "cached"),
+    [
+        (None, "validate", None, True),
+        (False, "validate", None, False),
+        (None, "predict", None, False),
+        (None, "test", "flip", False),  # auto: augmented evaluation images are not cached
+        (True, "test", "flip", True),
+    ],
+)
+def test_when_the_cache_is_on(tmp_path: Path, enabled, stage, augmentations, cached) -> None:
+    features = EvaluationFeatures(enabled, cache_dir=tmp_path)
+    teacher = torch.nn.Linear(2, 2)
+    features.open(trainer(val_augmentations=augmentations, test_augmentations=augmentations), stage, teacher, {})
+    assert features.active is cached
+    features.close()
+    assert features.cache is None
+
+
+@torch.no_grad()
+def test_a_model_with_an_open_cache_pickles_without_it(model, tmp_path: Path) -> None:
+    # anomalib's to_torch export saves the whole module, after a fit whose cache is still open.
+    student, _ = model
+    path = tmp_path / "image.png"
+    image = write_image(path, 0)[None]
+    open_for(student)
+    student._predict(image, [str(path)])
+    torch.save({"model": student}, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
+    assert loaded.evaluation_features.cache is None
+    assert student.evaluation_features.cache is not None
+    assert_same(loaded._predict(image, [str(path)]), student._predict(image))
