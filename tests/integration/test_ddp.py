@@ -23,16 +23,15 @@ MODEL = {"teacher": "vit_small_patch14_dinov2", "pretrained": False, "image_size
 
 
 def fit_with_two_processes(dataset: Path, workdir: Path) -> tuple[Path, str]:
-    """Train two epochs on two CPU processes with the anomalib CLI; cached features all go to disk."""
+    """Train three epochs on two CPU processes with the anomalib CLI (cached features go to disk)."""
     args = [
         "fit",
         "--model", "TransformerStudent",
         *(f"--model.{name}={str(value).lower()}" for name, value in MODEL.items()),
         "--model.cache_dir", str(workdir / "cache"),
-        "--model.cache_memory_budget_mb", "0",
         *data_args(dataset),
         "--data.train_batch_size", "2",
-        "--trainer.max_epochs", "2",
+        "--trainer.max_epochs", "3",
         "--trainer.accelerator", "cpu",
         "--trainer.strategy", "ddp",
         "--trainer.devices", "2",
@@ -60,7 +59,7 @@ def engine(workdir: Path, **trainer_arguments) -> Engine:
     )
 
 
-def test_two_process_training_caches_per_process_and_tests_like_one_process(tmp_path: Path) -> None:
+def test_two_processes_pass_each_image_through_the_teacher_once_and_test_like_one(tmp_path: Path) -> None:
     spec = DemoDatasetSpec(categories=("brick",), image_size=96, n_train=N_TRAIN, n_test_good=2, n_test_per_defect=2)
     dataset = generate_demo_dataset(tmp_path / "data", spec)
     (tmp_path / "ddp").mkdir()
@@ -69,8 +68,10 @@ def test_two_process_training_caches_per_process_and_tests_like_one_process(tmp_
     assert "distributed_backend=gloo" in output
     assert "All distributed processes registered" in output
 
-    # Each process cached the images its shard gave it, in its own file; together they cover the set. (The
-    # other fingerprint folder holds the evaluation images' features.)
+    # Each process cached the images its shard gave it, in its own file; together they cover the set, each image
+    # once: Lightning's sampler reshuffles the shards every epoch, and a process finds the images another one
+    # computed in that one's file (every computed image is stored, so two entries would mean two teacher passes).
+    # The other fingerprint folder holds the evaluation images' features.
     expected = {image_key(path) for path in (dataset / "brick" / "train" / "good").iterdir()}
     folders = sorted((tmp_path / "ddp" / "cache").iterdir())
     indexes = [
@@ -80,6 +81,8 @@ def test_two_process_training_caches_per_process_and_tests_like_one_process(tmp_
     (training,) = [index for index in indexes if index[0] | index[1] <= expected]
     assert all(training.values())
     assert training[0] | training[1] == expected
+    assert len(training[0]) + len(training[1]) == N_TRAIN
+    assert "2 processes train together: cached features go to disk" in output
 
     (ddp_metrics,) = engine(tmp_path / "ddp").test(
         TransformerStudent(**MODEL), datamodule=datamodule(dataset), ckpt_path=ddp_checkpoint
@@ -87,7 +90,7 @@ def test_two_process_training_caches_per_process_and_tests_like_one_process(tmp_
 
     seed_everything(0)
     single = TransformerStudent(**MODEL, cache_dir=str(tmp_path / "single"))
-    single_engine = engine(tmp_path / "single", max_epochs=2)
+    single_engine = engine(tmp_path / "single", max_epochs=3)
     single_engine.fit(single, datamodule=datamodule(dataset))
     (single_metrics,) = single_engine.test(single, datamodule=datamodule(dataset))
 

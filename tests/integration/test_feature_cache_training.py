@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import RandomHorizontalFlip
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
-from anomalib_transformer_student.training import feature_cache
+from anomalib_transformer_student.training import spill_file
 from anomalib_transformer_student.training.feature_cache import CacheDirectoryError
 
 N_TRAIN = 8
@@ -138,7 +138,7 @@ def test_a_full_disk_leaves_training_running(
     def full_disk(*_arguments) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(feature_cache, "_write_at", full_disk)
+    monkeypatch.setattr(spill_file, "_write_at", full_disk)
     with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
         losses, images = train(dataset, tmp_path, epochs=2, cache_dir=str(tmp_path / "cache"), cache_memory_budget_mb=0)
     assert images == 2 * N_TRAIN  # nothing cached: the teacher ran every epoch

@@ -17,7 +17,9 @@ from anomalib_transformer_student.training.evaluation_features import Evaluation
 def trainer(**datamodule_attributes: object) -> SimpleNamespace:
     """What ``EvaluationFeatures.open`` reads of a trainer."""
     datamodule = SimpleNamespace(**datamodule_attributes) if datamodule_attributes else None
-    return SimpleNamespace(datamodule=datamodule, val_dataloaders=None, test_dataloaders=None, global_rank=0)
+    return SimpleNamespace(
+        datamodule=datamodule, val_dataloaders=None, test_dataloaders=None, global_rank=0, world_size=1
+    )
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (70, 50)) -> torch.Tensor:

@@ -16,16 +16,16 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.pre_processing import OriginalSizePreProcessor
-from anomalib_transformer_student.training import feature_cache
+from anomalib_transformer_student.training import feature_cache, spill_file
 from anomalib_transformer_student.training.feature_cache import (
     CacheDirectoryError,
     ImageKeys,
     TeacherFeatureCache,
     ensure_writable,
     feature_fingerprint,
-    folder_bytes,
     image_key,
 )
+from anomalib_transformer_student.training.spill_file import folder_bytes
 
 TOKENS, WIDTH = 16, 8
 ENTRY_BYTES = 2 * TOKENS * WIDTH * 2  # one float16 entry
@@ -292,7 +292,7 @@ def test_the_disk_budget_bounds_the_spill_files(tmp_path: Path, caplog: pytest.L
 def test_a_full_disk_stops_spilling_not_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    write = feature_cache._write_at
+    write = spill_file._write_at
     writes: list[int] = []
 
     def fill_up(file, offset: int, data: memoryview) -> None:
@@ -302,7 +302,7 @@ def test_a_full_disk_stops_spilling_not_training(
             raise OSError(errno.ENOSPC, "No space left on device")
         write(file, offset, data)
 
-    monkeypatch.setattr(feature_cache, "_write_at", fill_up)
+    monkeypatch.setattr(spill_file, "_write_at", fill_up)
     teacher = CountingTeacher()
     cache = TeacherFeatureCache(tmp_path, FINGERPRINT, memory_budget_mb=0)
     expected, _ = teacher(batch(list(range(5))))

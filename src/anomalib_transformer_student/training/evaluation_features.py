@@ -32,6 +32,7 @@ from .feature_cache import (
     default_cache_dir,
     ensure_writable,
     feature_fingerprint,
+    process_memory_budget_mb,
     weights_digest,
 )
 
@@ -167,7 +168,7 @@ class EvaluationFeatures:
             self._image_keys = ImageKeys()
             logger.info("Evaluation-feature cache on (float32); disk part in %s.", self.cache.folder)
         # Never below what it already holds, so that nothing cached is dropped.
-        budget = int(self.memory_budget_mb * 2**20) - memory_in_use
+        budget = int(process_memory_budget_mb(self.memory_budget_mb, trainer.world_size) * 2**20) - memory_in_use
         self.cache.memory_budget_bytes = max(budget, self.cache.memory_bytes, 0)
         self.active = True
 

@@ -5,57 +5,39 @@ at 1036 px the teacher costs over 95 % of a training step. The cache keeps each 
 token tensors from the first epoch and hands them back in later ones, so that only the
 students run after the first epoch.
 
-Entries live in memory up to a budget; beyond it they go to a spill file on disk, which later
-runs with the same fingerprint read::
-
-    <cache_dir>/<fingerprint[:16]>/rank0.lock   locked (flock) by the one process that writes rank0.*
-    <cache_dir>/<fingerprint[:16]>/rank0.bin    entries, one fixed-size slot each
-    <cache_dir>/<fingerprint[:16]>/rank0.json   index: entry key -> (slot, CRC-32)
-
-Several processes may share the folder (two categories trained at once, anomalib's benchmark
-jobs, DDP ranks). Each writes only a file it holds the lock of: ``rank<r>``, else ``rank<r>-1``,
-``rank<r>-2``, ...; a file whose lock is free belongs to a finished (or killed) run and is
-adopted, so sequential runs fill one file. The other files are read only, and each of their
-entries is checked against its CRC on every read, since their writer may replace it. An entry is
-listed in the index only after its bytes are written, and the index is replaced atomically, so a
-run killed at any moment leaves either a consistent pair or an index that fails to load or to
-match its data file (rebuilt by the next owner, never read); every entry is checked against its
-CRC when first read in a run. All spill files of a fingerprint together stay within a disk
-budget; a full disk or the budget stops further spilling with one warning, never training.
+Entries live in memory up to a budget; beyond it they go to a spill file on disk
+(:mod:`.spill_file`), which later runs with the same fingerprint read. Several processes may
+share the folder (two categories trained at once, anomalib's benchmark jobs, DDP ranks). Each
+writes only a file it holds the lock of: ``rank<r>``, else ``rank<r>-1``, ``rank<r>-2``, ...; a
+file whose lock is free belongs to a finished (or killed) run and is adopted, so sequential runs
+fill one file. The other files are read only, and each of their entries is checked against its
+CRC on every read, since their writer may replace it. An entry is listed in the index only after
+its bytes are written, and the index is replaced atomically, so a run killed at any moment leaves
+either a consistent pair or an index that fails to load or to match its data file (rebuilt by the
+next owner, never read); every entry is checked against its CRC when first read in a run. All
+spill files of a fingerprint together stay within a disk budget; a full disk or the budget stops
+further spilling with one warning, never training.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import tempfile
-import uuid
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-try:
-    import fcntl
-except ImportError:  # Windows: spill files are private to their process, see claim_spill_name
-    fcntl = None
+from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, NUMPY_DTYPES, SpillFile, claim_spill_name, folder_bytes
 
 logger = logging.getLogger(__name__)
 
-# Bump when anything that shapes the cached tokens, their keys or the file layout changes.
-CACHE_FORMAT_VERSION = 2
 CACHE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
-_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CacheDirectoryError(OSError):
@@ -160,257 +142,27 @@ class ImageKeys:
         return self._known[state]
 
 
-def claim_spill_name(folder: Path, rank: int = 0) -> tuple[str, int | None]:
-    """The name of a spill file in ``folder`` that no running process writes, and the descriptor that locks it.
+def process_memory_budget_mb(memory_budget_mb: float, world_size: int) -> float:
+    """The memory budget of one process: none when several processes train together (DDP).
 
-    Tries ``rank<rank>``, ``rank<rank>-1``, ``rank<rank>-2``, ... and keeps the first whose
-    ``.lock`` file it can lock exclusively: the files of a finished run are adopted, those of a
-    running one never shared. The lock lasts while the descriptor is open, and the kernel drops
-    it when the process dies, even by SIGKILL. Without ``flock`` (Windows, or a filesystem that
-    refuses locks) the descriptor is ``None`` and the name is unique to this process: its files
-    are private and removed when the cache closes.
+    Entries in one process's memory are invisible to the others, and Lightning's distributed sampler
+    hands each process other images every epoch. On disk (kept hot by the operating system's page
+    cache) every process of a machine finds what another one computed, so each image passes through
+    the teacher once per fit, not once per process.
 
     Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> (first, lock), (second, _) = claim_spill_name(folder), claim_spill_name(folder)
-        >>> first, second
-        ('rank0', 'rank0-1')
-        >>> os.close(lock)
-        >>> claim_spill_name(folder)[0]
-        'rank0'
+        >>> process_memory_budget_mb(4096.0, world_size=1), process_memory_budget_mb(4096.0, world_size=8)
+        (4096.0, 0.0)
     """
-    private = f"rank{rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    if fcntl is None:
-        return private, None
-    number = 0
-    while True:
-        name = f"rank{rank}-{number}" if number else f"rank{rank}"
-        descriptor = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return name, descriptor
-        except BlockingIOError:
-            os.close(descriptor)
-        except OSError:  # e.g. ENOLCK on a network filesystem without locking
-            os.close(descriptor)
-            return private, None
-        number += 1
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the files in ``folder`` (files that vanish while it counts are skipped)."""
-    total = 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):
-                total += entry.stat().st_size if entry.is_file() else 0
-    return total
-
-
-def _entry_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    return int(np.prod(shape)) * np.dtype(_NUMPY_DTYPES[dtype]).itemsize
-
-
-def _read_at(file: io.FileIO, offset: int, buffer: memoryview) -> bool:
-    """Fill ``buffer`` from ``offset``; ``False`` when the file ends first."""
-    file.seek(offset)
-    while buffer:
-        count = file.readinto(buffer)
-        if not count:
-            return False
-        buffer = buffer[count:]
-    return True
-
-
-def _write_at(file: io.FileIO, offset: int, data: memoryview) -> None:
-    """Write all of ``data`` at ``offset``; a full disk raises ``OSError(ENOSPC)``.
-
-    Plain writes, not a memory map: writing a map of a sparse file on a full disk kills the
-    process with SIGBUS.
-    """
-    file.seek(offset)
-    while data:
-        data = data[file.write(data) :]
-
-
-class SpillFile:
-    """Fixed-size entries in one data file, with a JSON index written after the data.
-
-    Args:
-        folder: Folder of the files.
-        name: File name without suffix (``.bin`` data, ``.json`` index).
-        fingerprint: Fingerprint of the features; an index with another one is discarded.
-        dtype: Storage dtype of the entries.
-        writable: This process owns the files (see :func:`claim_spill_name`): it writes them,
-            rebuilds them when damaged, and checks each entry once per run. ``False`` opens another
-            process's files read-only and checks an entry on every read.
-    """
-
-    def __init__(self, folder: Path, name: str, fingerprint: str, dtype: torch.dtype, writable: bool = True) -> None:
-        self.data_path = folder / f"{name}.bin"
-        self.index_path = folder / f"{name}.json"
-        self.fingerprint = fingerprint
-        self.dtype = dtype
-        self.writable = writable
-        self.entries: dict[str, tuple[int, int]] = {}
-        self.entry_shape: tuple[int, ...] | None = None
-        self._free_slots: list[int] = []
-        self._next_slot = 0
-        self._verified: set[str] = set()
-        self._file: io.FileIO | None = None
-        self._load()
-
-    @property
-    def entry_bytes(self) -> int:
-        """Bytes of one entry."""
-        assert self.entry_shape is not None
-        return _entry_bytes(self.entry_shape, self.dtype)
-
-    @property
-    def data_bytes(self) -> int:
-        """Bytes of the listed slots of the data file (free ones between them included)."""
-        return 0 if self.entry_shape is None else self._next_slot * self.entry_bytes
-
-    @property
-    def needs_new_slot(self) -> bool:
-        """Whether the next entry makes the data file grow (no free slot inside it)."""
-        return not self._free_slots
-
-    def _note(self, message: str, *args: object) -> None:
-        """A problem with the files: a warning when they are ours (we rebuild them), else for debugging only."""
-        (logger.warning if self.writable else logger.debug)(message, *args)
-
-    def _usable_index(self) -> tuple[tuple[int, ...], dict[str, tuple[int, int]]] | None:
-        """Entry shape and entries of the index; ``None`` if missing, unreadable, foreign or longer than the data."""
-        if not self.index_path.exists():
-            return None
-        try:
-            index = json.loads(self.index_path.read_text())
-            usable = (
-                index["format"] == CACHE_FORMAT_VERSION
-                and index["fingerprint"] == self.fingerprint
-                and index["dtype"] == str(self.dtype)
-            )
-            entry_shape = tuple(int(size) for size in index["entry_shape"])
-            entries = {str(key): (int(slot), int(crc)) for key, (slot, crc) in index["entries"].items()}
-            size = self.data_path.stat().st_size if self.data_path.exists() else 0
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            self._note("Teacher-feature cache index %s is unreadable (%s); rebuilding it.", self.index_path, error)
-            return None
-        if not usable:
-            self._note("Teacher-feature cache %s was written for other features; rebuilding it.", self.index_path)
-            return None
-        if entries and (max(slot for slot, _ in entries.values()) + 1) * _entry_bytes(entry_shape, self.dtype) > size:
-            self._note(
-                "Teacher-feature cache %s is shorter than its index says (a run killed while writing it?); "
-                "rebuilding it.",
-                self.data_path,
-            )
-            return None
-        return entry_shape, entries
-
-    def _load(self) -> None:
-        """Adopt the entries of the files; when they are unusable, rebuild them (ours) or read nothing (another's)."""
-        index = self._usable_index()
-        if index is None:
-            if self.writable:
-                self._reset()
-            return
-        self.entry_shape, self.entries = index
-        slots = [slot for slot, _ in self.entries.values()]
-        self._next_slot = max(slots, default=-1) + 1
-        self._free_slots = sorted(set(range(self._next_slot)) - set(slots))
-        if self.writable:
-            self._data_file().truncate(self.data_bytes)  # drop what a killed run wrote past its last listed entry
-        elif self.entries:
-            self._file = io.FileIO(self.data_path, "r")
-
-    def _reset(self) -> None:
-        self.close()
-        self.data_path.unlink(missing_ok=True)
-        self.index_path.unlink(missing_ok=True)
-        self.entries, self.entry_shape, self._free_slots, self._next_slot = {}, None, [], 0
-
-    def _data_file(self) -> io.FileIO:
-        """The data file, opened (and created) for reading and writing."""
-        if self._file is None:
-            self.data_path.touch()
-            self._file = io.FileIO(self.data_path, "r+")
-        return self._file
-
-    def _write_index(self, entries: Mapping[str, tuple[int, int]]) -> None:
-        index = {
-            "format": CACHE_FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "dtype": str(self.dtype),
-            "entry_shape": list(self.entry_shape or ()),
-            "entries": {key: list(entry) for key, entry in entries.items()},
-        }
-        # The name is this writer's alone: the lock on the spill name covers it.
-        partial = self.index_path.with_name(self.index_path.name + ".partial")
-        try:
-            with partial.open("w") as file:
-                json.dump(index, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, self.index_path)
-        except OSError:
-            partial.unlink(missing_ok=True)
-            raise
-
-    def get(self, key: str) -> np.ndarray | None:
-        """The stored entry (read into a new array), or ``None``; an entry failing its checksum is dropped."""
-        entry = self.entries.get(key)
-        if entry is None or self._file is None:
-            return None
-        slot, crc = entry
-        assert self.entry_shape is not None
-        row = np.empty(self.entry_shape, dtype=_NUMPY_DTYPES[self.dtype])
-        complete = _read_at(self._file, slot * self.entry_bytes, memoryview(row).cast("B"))
-        if not complete or (key not in self._verified and zlib.crc32(row) != crc):
-            self._note("Teacher-feature cache entry in %s fails its checksum; recomputing it.", self.data_path)
-            del self.entries[key]
-            if self.writable:
-                self._free_slots.append(slot)
-            return None
-        if self.writable:  # nobody else writes our file: one check per run suffices
-            self._verified.add(key)
-        return row
-
-    def put(self, key: str, entry: np.ndarray) -> None:
-        """Write ``entry`` to a free slot, then list it in the index.
-
-        Raises:
-            OSError: The write failed (e.g. ``ENOSPC``); the index does not list the entry, and the
-                data file is cut back to its listed slots.
-        """
-        assert self.writable
-        if self.entry_shape is None:
-            self.entry_shape = tuple(entry.shape)
-        slot = self._free_slots[-1] if self._free_slots else self._next_slot
-        data = memoryview(np.ascontiguousarray(entry)).cast("B")
-        entries = {**self.entries, key: (slot, zlib.crc32(data))}
-        try:
-            _write_at(self._data_file(), slot * self.entry_bytes, data)
-            self._write_index(entries)
-        except OSError:
-            self._data_file().truncate(self.data_bytes)
-            raise
-        if slot == self._next_slot:
-            self._next_slot += 1
-        else:
-            self._free_slots.pop()
-        if key in self.entries:
-            self._free_slots.append(self.entries[key][0])
-        self.entries = entries
-        self._verified.add(key)
-
-    def close(self) -> None:
-        """Close the data file; the files stay for later runs."""
-        if self._file is not None:
-            self._file.close()
-        self._file = None
+    if world_size > 1 and memory_budget_mb > 0:
+        logger.info(
+            "%d processes train together: cached features go to disk, where every process of the machine finds "
+            "them, instead of %.0f MB of memory per process.",
+            world_size,
+            memory_budget_mb,
+        )
+        return 0.0
+    return memory_budget_mb
 
 
 class TeacherFeatureCache:
@@ -453,7 +205,7 @@ class TeacherFeatureCache:
         disk_budget_mb: float = 20480.0,
         rank: int = 0,
     ) -> None:
-        if dtype not in _NUMPY_DTYPES:
+        if dtype not in NUMPY_DTYPES:
             msg = f"Cache dtype must be one of {list(CACHE_DTYPES)}, got {dtype}."
             raise ValueError(msg)
         for name, budget in (("cache_memory_budget_mb", memory_budget_mb), ("cache_disk_budget_mb", disk_budget_mb)):
@@ -470,26 +222,45 @@ class TeacherFeatureCache:
         # Without a lock (no flock here) the file is private, and the others cannot be told safe to read.
         self._private = self._lock is None
         self.spill = SpillFile(self.folder, name, fingerprint, dtype)
-        self.others = [] if self._private else self._other_spills(name, fingerprint)
+        self._fingerprint = fingerprint
+        # The other processes' spill files by name, with the modification time their index was read at.
+        self._others: dict[str, tuple[int, SpillFile]] = {}
+        self.refresh_others()
         self._memory: dict[str, torch.Tensor] = {}
         self._memory_bytes = 0
         self._spilling = True  # until the disk budget or a full disk refuses an entry
         self.hits = 0
         self.misses = 0
 
-    def _other_spills(self, own: str, fingerprint: str) -> list[SpillFile]:
+    @property
+    def others(self) -> list[SpillFile]:
         """The other processes' spill files of this fingerprint that hold entries, opened read-only."""
-        others = []
+        return [spill for _, spill in self._others.values()]
+
+    def refresh_others(self) -> None:
+        """(Re-)open the other spill files of the folder whose index changed since it was last read.
+
+        Other processes (DDP ranks, concurrent runs) may be writing theirs meanwhile: re-reading their
+        indexes on a miss lets one process find what another has just computed.
+        """
+        if self._private:  # without a lock, the others cannot be told safe to read
+            return
         for index in sorted(self.folder.glob("*.json")):
-            if index.stem == own:
+            name = index.stem
+            if name == self.spill.index_path.stem:
                 continue
             try:
-                spill = SpillFile(self.folder, index.stem, fingerprint, self.dtype, writable=False)
+                stamp = index.stat().st_mtime_ns
+                if name in self._others and self._others[name][0] == stamp:
+                    continue
+                spill = SpillFile(self.folder, name, self._fingerprint, self.dtype, writable=False)
             except OSError:  # removed or rebuilt by its owner while we looked
                 continue
+            previous = self._others.pop(name, None)
+            if previous is not None:
+                previous[1].close()
             if spill.entries:
-                others.append(spill)
-        return others
+                self._others[name] = (stamp, spill)
 
     def __len__(self) -> int:
         return len(self._memory) + self.disk_entries
@@ -545,7 +316,7 @@ class TeacherFeatureCache:
         try:
             self.spill.put(key, entry.numpy())
         except OSError as error:
-            if error.errno in _DISK_FULL:
+            if error.errno in DISK_FULL:
                 free = shutil.disk_usage(self.folder).free
                 reason = (
                     f"the disk of {self.folder} is full ({free / 2**20:.1f} MB free, {size / 2**20:.1f} MB needed "
@@ -583,6 +354,12 @@ class TeacherFeatureCache:
             storage dtype, so that every epoch (and a resumed run) trains on the same values.
         """
         cached = [None if key is None else self.get(key) for key in keys]
+        if any(entry is None and key is not None for entry, key in zip(cached, keys, strict=True)):
+            self.refresh_others()
+            cached = [
+                entry if entry is not None or key is None else self.get(key)
+                for entry, key in zip(cached, keys, strict=True)
+            ]
         missing = [index for index, entry in enumerate(cached) if entry is None]
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)

@@ -23,6 +23,7 @@ from .feature_cache import (
     default_cache_dir,
     ensure_writable,
     feature_fingerprint,
+    process_memory_budget_mb,
     weights_digest,
 )
 
@@ -124,7 +125,7 @@ class TrainingFeatures:
             directory,
             fingerprint,
             dtype=CACHE_DTYPES[self.cache_dtype],
-            memory_budget_mb=self.memory_budget_mb,
+            memory_budget_mb=process_memory_budget_mb(self.memory_budget_mb, trainer.world_size),
             disk_budget_mb=self.disk_budget_mb,
             rank=trainer.global_rank,
         )
