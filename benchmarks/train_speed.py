@@ -117,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also project these epoch counts from the measured first and later epochs (for slow settings)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each inference part")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results here (--as-users-run)")
     parser.add_argument("--worker", choices=["train", "inference", "users"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -647,7 +648,8 @@ def print_users_tables(results: dict[str, dict], args: argparse.Namespace) -> No
     later = {name: later_epoch(results[name]) for name in models}
     print("Epochs of the fit (s; an epoch is its training, its validation and its checkpoint write):\n")
     for name in models:
-        print(f"- later epoch of {name}: {later[name]['label']}")
+        spans = ", ".join(f"{epoch['span']:.1f}" for epoch in results[name]["epochs"])
+        print(f"- {name}: each epoch {spans}; later epoch = {later[name]['label']}")
     print()
     rows = [
         (
@@ -747,6 +749,8 @@ def users_main(args: argparse.Namespace) -> None:
         for name in sorted(args.models, key=["TransformerStudent", "L2BT"].index):
             results[name] = run_worker("users", name, args, workdir)
             print(f"{name}: fit {results[name]['fit_s']:.1f} s, test {results[name]['test_s']:.1f} s", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"args": vars(args), "results": results}, default=str, indent=1))
         print_users_tables(results, args)
 
 
