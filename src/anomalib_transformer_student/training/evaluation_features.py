@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ import torch
 
 from .feature_cache import (
     ImageKeys,
+    Teacher,
     TeacherFeatureCache,
     default_cache_dir,
     ensure_writable,
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 EVALUATION_STAGES = ("validate", "test")
 
 

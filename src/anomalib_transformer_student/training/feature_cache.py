@@ -38,6 +38,8 @@ from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, NUMPY_DTYPES, SpillFile
 logger = logging.getLogger(__name__)
 
 CACHE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
+# The teacher as the cache calls it: images -> (shallow, deep) tokens, each (B, N, D).
+Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class CacheDirectoryError(OSError):
@@ -340,7 +342,7 @@ class TeacherFeatureCache:
         self,
         keys: Sequence[str | None],
         images: torch.Tensor,
-        compute: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        compute: Teacher,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shallow and deep tokens of a batch, computing (and storing) only the entries not cached.
 

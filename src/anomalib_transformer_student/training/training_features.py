@@ -9,7 +9,7 @@ it when training ends. The Lightning module only asks it for each batch's tokens
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ from anomalib.pre_processing.utils.spec import transform_to_spec
 from .feature_cache import (
     CACHE_DTYPES,
     ImageKeys,
+    Teacher,
     TeacherFeatureCache,
     default_cache_dir,
     ensure_writable,
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 logger = logging.getLogger(__name__)
-
-Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def train_augmentations(trainer: Trainer) -> object:
