@@ -36,6 +36,7 @@ from .feature_cache import (
     process_memory_budget_mb,
     weights_digest,
 )
+from .training_features import stage_augmentations
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -44,17 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EVALUATION_STAGES = ("validate", "test")
-
-
-def evaluation_augmentations(trainer: Trainer, stage: str) -> object:
-    """The dataset augmentation of the trainer's validation (``"validate"``) or test data, if any."""
-    datamodule = getattr(trainer, "datamodule", None)
-    name = "val_augmentations" if stage == "validate" else "test_augmentations"
-    if datamodule is not None and hasattr(datamodule, name):
-        return getattr(datamodule, name)
-    loaders = trainer.val_dataloaders if stage == "validate" else trainer.test_dataloaders
-    loader = loaders[0] if isinstance(loaders, Sequence) and loaders else loaders
-    return getattr(getattr(loader, "dataset", None), "augmentations", None)
 
 
 def state_token(module: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -136,7 +126,7 @@ class EvaluationFeatures:
         self.active = False
         if self.enabled is False or stage not in EVALUATION_STAGES:
             return
-        augmentations = evaluation_augmentations(trainer, stage)
+        augmentations = stage_augmentations(trainer, stage)
         if augmentations is not None and self.enabled is None:
             logger.info(
                 "Evaluation-feature cache off for %s: its images are augmented (%s). Set feature_cache=True to "

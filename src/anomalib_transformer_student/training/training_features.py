@@ -35,13 +35,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def train_augmentations(trainer: Trainer) -> object:
-    """The train-time augmentation of the trainer's datamodule (or of its training dataset), if any."""
+# Per stage: the datamodule's augmentation attribute, and the trainer's dataloaders of that stage.
+_STAGE_DATA = {
+    "fit": ("train_augmentations", "train_dataloader"),
+    "validate": ("val_augmentations", "val_dataloaders"),
+    "test": ("test_augmentations", "test_dataloaders"),
+}
+
+
+def stage_augmentations(trainer: Trainer, stage: str) -> object:
+    """The augmentation of the trainer's datamodule (or of its dataset) for ``stage``, if any.
+
+    ``stage`` is ``"fit"`` (training images), ``"validate"`` or ``"test"``.
+    """
+    attribute, loaders_attribute = _STAGE_DATA[stage]
     datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "train_augmentations"):
-        return datamodule.train_augmentations
-    dataset = getattr(trainer.train_dataloader, "dataset", None)
-    return getattr(dataset, "augmentations", None)
+    if datamodule is not None and hasattr(datamodule, attribute):
+        return getattr(datamodule, attribute)
+    loaders = getattr(trainer, loaders_attribute)
+    loader = loaders[0] if isinstance(loaders, Sequence) and loaders else loaders
+    return getattr(getattr(loader, "dataset", None), "augmentations", None)
 
 
 def pre_processing_spec(pre_processor: object) -> object:
@@ -104,7 +117,7 @@ class TrainingFeatures:
         self.close(trainer.global_rank)
         if self.enabled is False:
             return
-        augmentations = train_augmentations(trainer)
+        augmentations = stage_augmentations(trainer, "fit")
         if augmentations is not None:
             if self.enabled is None:
                 logger.info(
