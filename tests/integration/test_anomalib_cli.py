@@ -74,6 +74,21 @@ def test_predict_from_checkpoint(trained: Path, demo_root: Path, tmp_path: Path)
     assert len(written) == len(list(images.glob("*.png")))
 
 
+def test_predict_in_tiles_with_the_tiling_config(trained: Path, demo_root: Path, tmp_path: Path) -> None:
+    """The tiling config, its sizes overridden on the command line: 112-px images in 56-px tiles (2 x 2)."""
+    images = demo_root / "brick" / "test" / "stain"
+    result = run_cli(
+        ["predict", "--config", str(CONFIGS / "transformer_student_tiled.yaml"), *SMALL_MODEL_ARGS,
+         "--model.tile_size", "56", "--model.tile_overlap", "0", "--data", str(images), "--ckpt_path", str(trained),
+         "--default_root_dir", str(tmp_path / "results")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "inspected in 56-px tiles" in result.stdout + result.stderr
+    written = list((tmp_path / "results").rglob("*.png"))
+    assert len(written) == len(list(images.glob("*.png")))
+
+
 def test_get_model_returns_our_class() -> None:
     model = get_model("TransformerStudent", pretrained=False, teacher="vit_small_patch14_dinov2", image_size=112)
     assert type(model) is TransformerStudent

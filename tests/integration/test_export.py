@@ -236,6 +236,35 @@ def test_export_at_445_by_517_pads_resizes_and_matches_pytorch(tmp_path: Path, m
         np.testing.assert_allclose(actual.anomaly_map.squeeze(), expected_map.squeeze().numpy(), atol=1e-4, rtol=0)
 
 
+def test_tiled_export_tiles_in_the_graph_and_matches_pytorch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiled model exports as one graph: pad, cut into 6 tiles, one teacher batch, stitch, smooth, post-process."""
+    monkeypatch.chdir(tmp_path)
+    model = TransformerStudent(
+        pretrained=False,
+        teacher="vit_small_patch14_dinov2",
+        image_size=56,
+        layers=(0, 1),
+        tile_size=112,
+        tile_overlap=14,
+    )
+    assert model.tiling.layout(130, 250).count == 6
+    path = model.eval().to_openvino(tmp_path / "export", input_size=(130, 250))
+
+    images = torch.rand(2, 3, 130, 250, generator=torch.Generator().manual_seed(0))
+    teacher_batches = []
+    hook = model.model.teacher.register_forward_hook(lambda _m, inputs, _o: teacher_batches.append(len(inputs[0])))
+    with torch.no_grad():
+        expected = model(images)  # the exported forward
+    hook.remove()
+    assert teacher_batches == [12]  # one teacher batch: the 6 tiles of each of the 2 images
+    inferencer = OpenVINOInferencer(path, device="CPU", config=FP32)
+    for image, expected_map, expected_score in zip(images, expected.anomaly_map, expected.pred_score, strict=True):
+        actual = inferencer.predict(image)
+        assert actual.anomaly_map.shape[-2:] == (130, 250)
+        np.testing.assert_allclose(actual.anomaly_map.squeeze(), expected_map.squeeze().numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(actual.pred_score.squeeze(), expected_score.numpy(), atol=1e-4, rtol=0)
+
+
 def test_calibrated_int8_needs_data_and_a_validated_model(checkpoint: Path, data: dict, tmp_path: Path) -> None:
     from anomalib.data import MVTecAD
 

@@ -151,6 +151,8 @@ class AnomalyMapGenerator(nn.Module):
         patch_map: torch.Tensor,
         output_size: tuple[int, int],
         original_size: tuple[int, int] | None = None,
+        *,
+        window: tuple[int, int, int, int] | None = None,
     ) -> torch.Tensor:
         """Bilinear upsampling to ``output_size`` followed by the box-filter cascade.
 
@@ -164,17 +166,36 @@ class AnomalyMapGenerator(nn.Module):
             output_size: Size the reference upsamples and blurs at.
             original_size: ``(height, width)`` of the image inside the square ``output_size``
                 (placed as :func:`square_padding` says); only that window is returned.
+            window: ``(top, left, height, width)`` of the image inside ``output_size`` (the
+                canvas of a tiled image); only that window is returned.
 
         Returns:
-            Maps ``(B, 1, H, W)``: ``output_size``, or ``original_size`` when given.
+            Maps ``(B, 1, H, W)``: ``output_size``, or the image's size when ``original_size``
+            or ``window`` is given.
         """
         rows = smoothing_matrix(patch_map.shape[-2], output_size[0], self.blur_passes, patch_map)
         columns = smoothing_matrix(patch_map.shape[-1], output_size[1], self.blur_passes, patch_map)
         if original_size is not None:
-            height, width = original_size
             _, top, left = square_padding(original_size)
+            window = (top, left, *original_size)
+        if window is not None:
+            top, left, height, width = window
             rows, columns = rows[top : top + height], columns[left : left + width]
         return (rows @ patch_map @ columns.T).unsqueeze(1)
+
+    def patch_scores(
+        self,
+        shallow: torch.Tensor,
+        deep: torch.Tensor,
+        predicted_shallow: torch.Tensor,
+        predicted_deep: torch.Tensor,
+    ) -> torch.Tensor:
+        """Product of the two students' patch discrepancies, ``(B, N)``."""
+        return patch_discrepancy(predicted_shallow, shallow) * patch_discrepancy(predicted_deep, deep)
+
+    def score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Image scores ``(B,)``: the mean of the top ``topk_ratio`` of each map's pixels."""
+        return top_k_mean(anomaly_map, self.topk_ratio)
 
     def forward(
         self,
@@ -202,7 +223,7 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             The map ``(B, 1, H, W)`` and the mean of its top ``topk_ratio`` pixels.
         """
-        patch_scores = patch_discrepancy(predicted_shallow, shallow) * patch_discrepancy(predicted_deep, deep)
+        patch_scores = self.patch_scores(shallow, deep, predicted_shallow, predicted_deep)
         patch_map = patch_scores.reshape(patch_scores.shape[0], *grid_size)
         anomaly_map = self.smooth(patch_map, output_size, original_size)
-        return anomaly_map, top_k_mean(anomaly_map, self.topk_ratio)
+        return anomaly_map, self.score(anomaly_map)

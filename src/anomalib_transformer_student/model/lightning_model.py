@@ -40,8 +40,15 @@ from ..training.teacher_checkpoint import (
 )
 from ..training.teacher_weights import teacher_state_dict
 from ..training.training_features import TrainingFeatures, pre_processing_spec
-from .pre_processing import OriginalSizePreProcessor, evaluation_input, square_resize_transform
+from .pre_processing import (
+    OriginalSizePreProcessor,
+    evaluation_input,
+    square_resize_transform,
+    tiles_per_image,
+    training_input,
+)
 from .teacher import DEFAULT_LAYERS, DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
+from .tiling import MAX_TILES_PER_IMAGE, Tiling
 from .torch_model import TransformerStudentModel
 
 if TYPE_CHECKING:
@@ -121,6 +128,20 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             gives, in evaluation and in exported models alike.
         teacher_precision: ``"float32"`` (default), or ``"float16"``/``"bfloat16"`` to run the
             teacher under autocast on CUDA; other devices always run float32.
+        tile_size: Inspect large images tile by tile: the side of a tile in pixels of the original
+            image, each tile resized to ``image_size`` for the teacher (``tile_size == image_size``
+            is native resolution; larger tiles trade resolution for speed). A multiple of the
+            teacher's patch grid (``image_size / 14`` for DINOv2, e.g. 74 at 1036 px). Images that fit
+            in one tile go whole, as without tiling; the tiles' patch scores make one patch map of
+            the image, upsampled and smoothed once at full resolution (see
+            :mod:`~anomalib_transformer_student.model.tiling`). At most
+            ``MAX_TILES_PER_IMAGE`` (256) tiles per image. In training every tile of every image
+            trains the students (the teacher sees ``train_batch_size`` x tiles at once in the
+            first epoch). ``None`` (default) inspects each image whole. Needs the default
+            pre-processor and ``full_resolution_maps``.
+        tile_overlap: Pixels of the original image that neighbouring tiles share at least (rounded
+            up to whole patches); tiles are spread evenly to cover the image, so they often share
+            more. Where tiles overlap, their patch scores are averaged.
         skip_corrupt_images: Drop images (and masks) that cannot be decoded, with one warning
             listing them, instead of stopping with ``CorruptImageError`` (every image and mask is
             checked before a stage starts; see :class:`DataChecks`).
@@ -157,6 +178,8 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         full_resolution_maps: bool = True,
         teacher_precision: Literal["float32", "float16", "bfloat16"] = "float32",
         skip_corrupt_images: bool = False,
+        tile_size: int | None = None,
+        tile_overlap: int = 0,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -187,8 +210,9 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         self.model = TransformerStudentModel(
             feature_extractor, blur_kernel_sizes, blur_repeats, topk_ratio, teacher_precision=teacher_precision
         )
+        tiling = self._tiling(tile_size, tile_overlap, pre_processor, full_resolution_maps)
         if pre_processor is True:
-            self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps)
+            self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps, tiling)
         elif full_resolution_maps and pre_processor is not False:
             logger.info(
                 "full_resolution_maps applies to the default pre-processor; with a custom one, maps come at the "
@@ -203,22 +227,72 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         # The frozen teacher's digest, for checkpoints that leave the teacher out: hashed once per model.
         self._teacher_digest_memo: dict[str, Any] = {}
 
+    def _tiling(
+        self, tile_size: int | None, tile_overlap: int, pre_processor: PreProcessor | bool, full_resolution_maps: bool
+    ) -> Tiling | None:
+        """The tiling that ``tile_size`` and ``tile_overlap`` ask for, checked against the other settings."""
+        if tile_size is None:
+            if tile_overlap:
+                msg = f"tile_overlap={tile_overlap} applies to tiles only: set tile_size too, or drop tile_overlap."
+                raise ValueError(msg)
+            return None
+        if pre_processor is not True:
+            msg = (
+                f"tile_size={tile_size} needs the model's own pre-processor, which tiles images at their original "
+                "size: drop the custom pre_processor, or drop tile_size."
+            )
+            raise ValueError(msg)
+        if not full_resolution_maps:
+            msg = (
+                f"tile_size={tile_size} returns maps at each image's own size: it needs full_resolution_maps=True "
+                "(the default)."
+            )
+            raise ValueError(msg)
+        teacher = self.model.teacher
+        tiling = Tiling(
+            tile_size,
+            tile_overlap,
+            image_size=teacher.image_size,
+            patch_size=teacher.patch_size,
+            max_tiles=MAX_TILES_PER_IMAGE,
+        )
+        logger.info(
+            "Images larger than %d x %d px are inspected in %d-px tiles, each resized to %d px for the teacher "
+            "(neighbours share at least %d px; at most %d tiles per image).",
+            tile_size,
+            tile_size,
+            tile_size,
+            teacher.image_size,
+            tiling.overlap,
+            MAX_TILES_PER_IMAGE,
+        )
+        return tiling
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The tiling of large images, or ``None`` when each image is inspected whole."""
+        return getattr(self.pre_processor, "tiling", None)
+
     @classmethod
     def configure_pre_processor(
-        cls, image_size: tuple[int, int] | None = None, keep_original_size: bool = True
+        cls, image_size: tuple[int, int] | None = None, keep_original_size: bool = True, tiling: Tiling | None = None
     ) -> PreProcessor:
         """Square edge-pad, bicubic resize to ``image_size`` (default 1036 x 1036), ImageNet normalisation.
 
         With ``keep_original_size`` evaluation batches stay at their original size (see
-        :class:`OriginalSizePreProcessor`).
+        :class:`OriginalSizePreProcessor`); with ``tiling`` images larger than a tile are tiled.
         """
         side = (image_size or (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))[0]
-        return OriginalSizePreProcessor(square_resize_transform(side), keep_original_size=keep_original_size)
+        return OriginalSizePreProcessor(
+            square_resize_transform(side), keep_original_size=keep_original_size, tiling=tiling
+        )
 
     def configure_callbacks(self) -> list[Callback]:
         """Anomalib's component callbacks, plus DataChecks of every image and mask before a stage starts."""
         teacher = self.model.teacher
-        checks = DataChecks(self.skip_corrupt_images, input_size=teacher.image_size, patch_size=teacher.patch_size)
+        checks = DataChecks(
+            self.skip_corrupt_images, input_size=teacher.image_size, patch_size=teacher.patch_size, tiling=self.tiling
+        )
         return [*super().configure_callbacks(), checks]
 
     @property
@@ -329,11 +403,14 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
     @property
     def feature_identity(self) -> dict[str, Any]:
         """Everything but the weights that shapes the teacher's features of an image (for the cache's key)."""
-        return {
+        identity = {
             **self.architecture,
             "pre_processing": pre_processing_spec(self.pre_processor),
             "teacher_precision": self.model.teacher_precision,
         }
+        if self.tiling is not None:
+            identity["tiling"] = self.tiling.spec
+        return identity
 
     def on_train_start(self) -> None:
         """Open the teacher-feature cache once the teacher holds its weights (see ``feature_cache``)."""
@@ -347,12 +424,13 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
         """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on)."""
         del args, kwargs
-        shallow, deep = self.training_features.tokens(batch.image, batch.image_path, self.model.teacher_features)
+        images, tiles = training_input(self.pre_processor, batch.image)
+        shallow, deep = self.training_features.tokens(images, batch.image_path, self.model.teacher_features, tiles)
         if batch_idx == 0:  # one check per epoch: NaN from a broken teacher must not train for 50 epochs
             check_finite_features(
                 shallow,
                 deep,
-                images=batch.image,
+                images=images,
                 teacher=self.model.teacher,
                 teacher_precision=self.model.teacher_precision,
                 weights_source=self.teacher_weights or (self.teacher_name if self.pretrained else None),
@@ -375,7 +453,9 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         name the images); ``forward``, the export path, never uses it.
         """
         model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
-        shallow, deep = self.evaluation_features.tokens(model_input, paths, self.model.teacher_features)
+        shallow, deep = self.evaluation_features.tokens(
+            model_input, paths, self.model.teacher_features, tiles_per_image(placement)
+        )
         return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)
 
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:

@@ -13,6 +13,7 @@ from torch.nn import functional
 from .anomaly_map import AnomalyMapGenerator, square_padding
 from .students import StudentMLP
 from .teacher import TeacherFeatureExtractor
+from .tiling import TileLayout, stitch
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,13 @@ class TransformerStudentModel(nn.Module):
         images: torch.Tensor,
         original_size: tuple[int, int] | None = None,
         square_padded: bool = True,
+        layout: TileLayout | None = None,
     ) -> torch.Tensor | InferenceBatch:
         """Loss in training mode, ``InferenceBatch(pred_score, anomaly_map)`` in eval mode.
 
         Args:
-            images: Pre-processed images ``(B, 3, S, S)``.
+            images: Pre-processed images ``(B, 3, S, S)``, or with ``layout`` the pre-processed tiles
+                ``(B * layout.count, 3, S, S)`` of ``B`` images, each image's tiles in a row.
             original_size: In eval mode, the ``(height, width)`` the images had before
                 pre-processing: the map is returned at that size. ``None`` returns it at the
                 input's size.
@@ -113,11 +116,14 @@ class TransformerStudentModel(nn.Module):
                 resizing them: the map is then upsampled to the padded original size, smoothed
                 there and cropped back to ``original_size`` (the paper's evaluation); else it is
                 upsampled to ``original_size`` directly.
+            layout: The tiles of a tiled image (:class:`~.tiling.TileLayout`): their patch scores are
+                stitched into one patch map of the image, which is upsampled, smoothed and scored
+                once, at the image's own size.
         """
         shallow, deep = self.teacher_features(images)
         if self.training:
             return self.student_loss(shallow, deep)
-        return self.predict(shallow, deep, tuple(images.shape[-2:]), original_size, square_padded)
+        return self.predict(shallow, deep, tuple(images.shape[-2:]), original_size, square_padded, layout)
 
     def predict(
         self,
@@ -126,6 +132,7 @@ class TransformerStudentModel(nn.Module):
         input_size: tuple[int, int],
         original_size: tuple[int, int] | None = None,
         square_padded: bool = True,
+        layout: TileLayout | None = None,
     ) -> InferenceBatch:
         """``InferenceBatch(pred_score, anomaly_map)`` from the teacher's tokens (callers may pass cached tokens).
 
@@ -136,14 +143,21 @@ class TransformerStudentModel(nn.Module):
                 ``original_size`` is ``None``.
             original_size: As in :meth:`forward`.
             square_padded: As in :meth:`forward`.
+            layout: As in :meth:`forward`; the tokens are then those of the tiles.
         """
+        generator = self.anomaly_map_generator
+        if layout is not None:
+            scores = generator.patch_scores(shallow, deep, self.backward_student(deep), self.forward_student(shallow))
+            patch_map = stitch(scores.reshape(-1, *self.teacher.grid_size), layout)
+            anomaly_map = generator.smooth(patch_map, layout.canvas, window=layout.window)
+            return InferenceBatch(pred_score=generator.score(anomaly_map), anomaly_map=anomaly_map)
         output_size, window = tuple(input_size), None
         if original_size is not None and square_padded:
             side = square_padding(original_size)[0]
             output_size, window = (side, side), original_size
         elif original_size is not None:
             output_size = original_size
-        anomaly_map, pred_score = self.anomaly_map_generator(
+        anomaly_map, pred_score = generator(
             shallow=shallow,
             deep=deep,
             predicted_shallow=self.backward_student(deep),

@@ -15,9 +15,11 @@ What it checks, and what it does:
 - masks whose size differs from their image's: :class:`MaskSizeError`, naming both files;
 - single-channel images with more than 8 bits per pixel (16-bit grayscale) whose values
   exceed 255, which anomalib's reader clips to white: :class:`ClippedImageError`;
+- with tiling, images that would be cut into more tiles than the tiling allows: the tiling's
+  ``ValueError``, naming a ``tile_size`` that works;
 - images so elongated or small that their content is thinner than one patch after square
-  padding and resizing, and training images of mixed sizes: a warning, since they are
-  handled correctly but poorly.
+  padding (or tiling) and resizing, and training images of mixed sizes: a warning, since they
+  are handled correctly but poorly.
 
 Grayscale, palette, RGBA and 16-bit RGB files need nothing: anomalib converts them to 8-bit RGB.
 """
@@ -31,7 +33,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from anomalib.data import AnomalibDataset, PredictDataset
 from anomalib.data.utils import LabelName
@@ -51,6 +53,15 @@ WIDE_GRAYSCALE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 PROGRESS_THRESHOLD = 500
 # At most this many file names in an error or warning line; the rest are counted.
 MAX_LISTED = 20
+
+
+class TileCounter(Protocol):
+    """The tiling as the checks see it (``model.tiling.Tiling``)."""
+
+    tile_size: int
+
+    def layout(self, height: int, width: int) -> object | None:
+        """The tiles of an image of this size (``None`` if it fits in one); raises ``ValueError`` if too many."""
 
 
 class DataCheckError(ValueError):
@@ -138,6 +149,8 @@ class DataChecks(Callback):
             with one warning listing them, instead of raising :class:`CorruptImageError`.
         input_size: Side of the model's square input, for the thin-image warning.
         patch_size: The teacher's patch size, for the thin-image warning.
+        tiling: The model's tiling, if any: every image's tiles are counted (too many raise its
+            ``ValueError``), and tiled images are checked for thinness at the tile's scale.
 
     Example:
         >>> from anomalib.engine import Engine
@@ -145,11 +158,16 @@ class DataChecks(Callback):
     """
 
     def __init__(
-        self, skip_corrupt_images: bool = False, input_size: int | None = None, patch_size: int | None = None
+        self,
+        skip_corrupt_images: bool = False,
+        input_size: int | None = None,
+        patch_size: int | None = None,
+        tiling: TileCounter | None = None,
     ) -> None:
         self.skip_corrupt_images = skip_corrupt_images
         self.input_size = input_size
         self.patch_size = patch_size
+        self.tiling = tiling
         self._checked: set[int] = set()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -268,19 +286,32 @@ class DataChecks(Callback):
             )
             raise MaskSizeError(msg)
 
+        self._count_tiles(images[path] for path in image_paths)
         self._warn_thin_images([images[path] for path in image_paths], split)
         if split == "train":
             _warn_mixed_sizes([images[path] for path in image_paths])
         self._checked.add(id(dataset))
 
+    def _count_tiles(self, checks: Iterable[ImageCheck]) -> None:
+        """Raise the tiling's ``ValueError`` if an image would be cut into more tiles than it allows."""
+        if self.tiling is None:
+            return
+        for size in {check.size for check in checks}:
+            assert size is not None  # unreadable files were raised or dropped before
+            self.tiling.layout(size[1], size[0])
+
+    def _tiled(self, size: tuple[int, int]) -> bool:
+        return self.tiling is not None and self.tiling.layout(size[1], size[0]) is not None
+
     def _warn_thin_images(self, checks: Iterable[ImageCheck], split: str) -> None:
-        """Warn about images whose content is thinner than one patch once padded to a square and resized."""
+        """Warn about images whose content is thinner than one patch once padded (or tiled) and resized."""
         if self.input_size is None or self.patch_size is None:
             return
         thin = []
         for check in checks:
             assert check.size is not None  # unreadable files were raised or dropped before
-            scale = self.input_size / max(check.size)
+            side = self.tiling.tile_size if self._tiled(check.size) else max(check.size)
+            scale = self.input_size / side
             if min(check.size) * scale < self.patch_size:
                 resized = (round(check.size[0] * scale), round(check.size[1] * scale))
                 thin.append(f"{check.path} ({_size(check.size)} -> {_size(resized)} px)")

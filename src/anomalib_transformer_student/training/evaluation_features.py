@@ -34,6 +34,7 @@ from .feature_cache import (
     ensure_writable,
     feature_fingerprint,
     process_memory_budget_mb,
+    tile_keys,
     weights_digest,
 )
 from .training_features import stage_augmentations
@@ -163,13 +164,16 @@ class EvaluationFeatures:
         self.active = True
 
     def tokens(
-        self, images: torch.Tensor, paths: Sequence[str] | None, teacher: Teacher
+        self, images: torch.Tensor, paths: Sequence[str] | None, teacher: Teacher, tiles_per_image: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shallow and deep tokens of a batch: from the cache where it holds them, else from ``teacher``."""
+        """Shallow and deep tokens of a batch: from the cache where it holds them, else from ``teacher``.
+
+        With ``tiles_per_image`` above 1, ``images`` holds each image's tiles in a row, one entry each.
+        """
         if self.cache is None or not self.active or paths is None:
             return teacher(images)
         keys = [None if path is None else self._image_keys(path) for path in paths]
-        return self.cache.tokens(keys, images, teacher)
+        return self.cache.tokens(tile_keys(keys, tiles_per_image), images, teacher)
 
     def close(self, rank: int = 0) -> None:
         """Report and release the cache (memory freed; spill files stay for later runs with this fingerprint)."""

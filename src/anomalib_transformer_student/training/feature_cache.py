@@ -144,6 +144,21 @@ class ImageKeys:
         return self._known[state]
 
 
+def tile_keys(keys: Sequence[str | None], tiles_per_image: int) -> list[str | None]:
+    """One key per tile when each image is cut into ``tiles_per_image`` tiles (its tiles in a row).
+
+    An image's key alone when it is not tiled; the fingerprint holds the tiling, so a tile's number
+    names the same pixels in every run.
+
+    Example:
+        >>> tile_keys(["a", None], 2)
+        ['a/0', 'a/1', None, None]
+    """
+    if tiles_per_image == 1:
+        return list(keys)
+    return [None if key is None else f"{key}/{tile}" for key in keys for tile in range(tiles_per_image)]
+
+
 def process_memory_budget_mb(memory_budget_mb: float, world_size: int) -> float:
     """The memory budget of one process: none when several processes train together (DDP).
 

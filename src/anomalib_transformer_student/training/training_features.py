@@ -25,6 +25,7 @@ from .feature_cache import (
     ensure_writable,
     feature_fingerprint,
     process_memory_budget_mb,
+    tile_keys,
     weights_digest,
 )
 
@@ -158,13 +159,17 @@ class TrainingFeatures:
         )
 
     def tokens(
-        self, images: torch.Tensor, paths: Sequence[str] | None, teacher: Teacher
+        self, images: torch.Tensor, paths: Sequence[str] | None, teacher: Teacher, tiles_per_image: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shallow and deep tokens of a batch: from the cache where it holds them, else from ``teacher``."""
+        """Shallow and deep tokens of a batch: from the cache where it holds them, else from ``teacher``.
+
+        With ``tiles_per_image`` above 1, ``images`` holds each image's tiles in a row, one entry each.
+        """
         if self.cache is None:
             return teacher(images)
-        keys = [None if path is None else self._image_keys(path) for path in paths or [None] * len(images)]
-        return self.cache.tokens(keys, images, teacher)
+        paths = paths or [None] * (len(images) // tiles_per_image)
+        keys = [None if path is None else self._image_keys(path) for path in paths]
+        return self.cache.tokens(tile_keys(keys, tiles_per_image), images, teacher)
 
     def close(self, rank: int = 0) -> None:
         """Report (with the disk the spill files take) and release the cache; its disk part stays for later runs."""

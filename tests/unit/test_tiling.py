@@ -1,0 +1,193 @@
+"""Tiling geometry, stitching, the whole-image path it reduces to, a seamless map, and its errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import PredictDataset
+from PIL import Image
+
+from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.model.tiling import Tiling, stitch
+from anomalib_transformer_student.training.data_checks import DataChecks
+
+from ..helpers import SMALL_TEACHER
+
+SIZE = 56  # the teacher's input: 4 x 4 patches
+
+
+def _model(**overrides) -> TransformerStudent:
+    torch.manual_seed(0)
+    model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=SIZE, layers=(1, 3), **overrides)
+    model.post_processor = None  # raw maps
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "image_size", "overlap", "count"),
+    [
+        (2000, 8000, 1036, 1036, 0, 2 * 8),  # a line-scan strip
+        (3000, 4000, 1036, 1036, 0, 3 * 4),
+        (2048, 2448, 1036, 1036, 100, 3 * 3),
+        (1000, 1400, 224, 224, 0, 5 * 7),
+        (1037, 500, 1036, 1036, 0, 2),  # one side below a tile: padded to one tile there
+        (130, 250, 112, 56, 14, 2 * 3),  # tiles twice the teacher's input
+    ],
+)
+def test_tiles_cover_the_image_on_one_patch_grid(
+    height: int, width: int, tile: int, image_size: int, overlap: int, count: int
+) -> None:
+    layout = Tiling(tile, overlap, image_size=image_size, patch_size=14).layout(height, width)
+    stride = layout.stride
+    assert layout.count == count and layout.tile == tile and stride == tile // (image_size // 14)
+    for side, canvas, offset in zip((height, width), layout.canvas, layout.offset, strict=True):
+        assert canvas % stride == 0 and canvas >= tile
+        assert canvas - side < stride or canvas == tile  # padded to whole patches (or to one tile) only
+        assert offset == (canvas - side) // 2  # centred, as SquarePad pads
+    coverage = torch.zeros(layout.canvas)
+    for y, x in layout.origins:
+        assert y % stride == 0 and x % stride == 0  # every tile's patches on the canvas's patch grid
+        coverage[y : y + tile, x : x + tile] += 1
+    assert coverage.min() >= 1 and coverage.shape == layout.canvas  # every pixel, and none beyond the canvas
+    rounded_overlap = stride * math.ceil(overlap / stride)
+    for axis in (0, 1):
+        starts = sorted({origin[axis] for origin in layout.origins})
+        assert starts[0] == 0 and starts[-1] == layout.canvas[axis] - tile
+        assert all(tile - (b - a) >= rounded_overlap for a, b in itertools.pairwise(starts))
+
+
+def test_an_image_within_one_tile_is_not_tiled() -> None:
+    tiling = Tiling(224, image_size=224, patch_size=14)
+    assert tiling.layout(224, 224) is None and tiling.layout(100, 224) is None
+    assert tiling.layout(225, 224) is not None
+
+
+def test_tiles_are_undistorted_crops_of_the_edge_padded_image() -> None:
+    tiling = Tiling(112, 14, image_size=56, patch_size=14)
+    images = torch.rand(2, 3, 130, 250, generator=torch.Generator().manual_seed(0))
+    layout = tiling.layout(130, 250)
+    tiles = tiling.split(images, layout).reshape(2, layout.count, 3, 112, 112)
+    top, left = layout.offset
+    for index, (y, x) in enumerate(layout.origins):
+        for row in (0, 57, 111):
+            for column in (0, 40, 111):
+                # Canvas pixel -> image pixel, replicated at the borders.
+                source = min(max(y + row - top, 0), 129), min(max(x + column - left, 0), 249)
+                assert torch.equal(tiles[:, index, :, row, column], images[:, :, source[0], source[1]])
+
+
+def test_stitching_places_each_tile_and_averages_overlaps() -> None:
+    tiling = Tiling(112, 14, image_size=56, patch_size=14)
+    layout = tiling.layout(130, 250)
+    values = torch.arange(2 * layout.count, dtype=torch.float32)
+    patch_maps = values[:, None, None].expand(-1, layout.grid, layout.grid)
+    stitched = stitch(patch_maps, layout)
+    assert stitched.shape == (2, *layout.canvas_grid)
+    total, coverage = torch.zeros(2, *layout.canvas_grid), torch.zeros(layout.canvas_grid)
+    for index, (y, x) in enumerate(layout.origins):
+        top, left = y // layout.stride, x // layout.stride
+        rows, columns = slice(top, top + layout.grid), slice(left, left + layout.grid)
+        total[:, rows, columns] += values.reshape(2, -1)[:, index, None, None]
+        coverage[rows, columns] += 1
+    assert coverage.max() > 1  # the case has overlaps
+    torch.testing.assert_close(stitched, total / coverage)
+
+
+@pytest.mark.parametrize("size", [(50, 40), (112, 112), (112, 70)])
+def test_an_image_within_one_tile_gives_todays_map_and_score(size: tuple[int, int]) -> None:
+    whole, tiled = _model(), _model(tile_size=112)
+    tiled.load_state_dict(whole.state_dict())
+    images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for path in ("_predict", "forward"):
+            expected, actual = getattr(whole, path)(images), getattr(tiled, path)(images)
+            assert actual.anomaly_map.shape[-2:] == size
+            torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=1e-6, rtol=0)
+            torch.testing.assert_close(actual.pred_score, expected.pred_score, atol=1e-6, rtol=0)
+
+
+def test_tiled_map_has_the_images_size_and_both_paths_agree() -> None:
+    model = _model(tile_size=112, tile_overlap=14)
+    model.pre_processor.export_transform = model.pre_processor.transform  # same resize in both paths
+    images = torch.rand(2, 3, 130, 250, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        step, exported = model._predict(images), model(images)
+    assert step.anomaly_map.shape == (2, 1, 130, 250)
+    torch.testing.assert_close(exported.anomaly_map, step.anomaly_map)
+    top = step.anomaly_map.flatten(1).topk(max(1, int(130 * 250 * 0.001)), dim=1).values.mean(1)
+    torch.testing.assert_close(step.pred_score, top)  # top-0.1 % mean of the full map
+
+
+def test_uniform_image_gives_a_map_without_seams_at_tile_borders() -> None:
+    """Without positional embedding, a uniform image gives every patch the same score: the map is flat.
+
+    Flat across tile borders too, where tiles smoothed one by one (with the zero padding the smoothing
+    has at a map's border) would dip.
+    """
+    model = _model(tile_size=SIZE)
+    model.model.teacher.backbone.pos_embed.data.zero_()
+    image = torch.full((1, 3, 4 * SIZE, 5 * SIZE), 0.5)  # 4 x 5 tiles, no padding
+    with torch.no_grad():
+        anomaly_map = model._predict(image).anomaly_map[0, 0]
+    reach = 40  # the smoothing's reach from the image's border, where it falls off as the whole-image map does
+    interior = anomaly_map[reach:-reach, reach:-reach]
+    assert interior.std() < 1e-5 * interior.mean()
+
+    # What the test guards against: each tile's map smoothed on its own, then placed.
+    layout = model.tiling.layout(*image.shape[-2:])
+    single = model.model.anomaly_map_generator.smooth(torch.full((1, 4, 4), float(interior.mean())), (SIZE, SIZE))
+    placed = single[0, 0].repeat(4, 5)
+    assert layout.count == 20
+    assert placed[reach:-reach, reach:-reach].std() > 0.05 * interior.mean()
+
+
+def test_tiling_options_from_the_constructor() -> None:
+    model = _model(tile_size=112, tile_overlap=14)
+    assert (model.tiling.tile_size, model.tiling.overlap) == (112, 14)
+    assert model.hparams["tile_size"] == 112  # checkpoints rebuild the tiled model
+    assert model.feature_identity["tiling"] == {"tile_size": 112, "tile_overlap": 14}
+    assert _model().tiling is None and "tiling" not in _model().feature_identity
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"tile_size": 8}, "tile_size=8 is smaller than one 14-px patch"),
+        ({"tile_size": 101}, "use tile_size=100 or 104"),  # SIZE 56: 4 x 4 patches
+        ({"tile_size": 102}, "use tile_size=100 or 104"),
+        ({"tile_size": 112, "tile_overlap": -1}, "tile_overlap=-1 must be a non-negative"),
+        ({"tile_size": 112, "tile_overlap": 112}, "not smaller than tile_size=112"),
+        ({"tile_size": 112, "tile_overlap": 100}, "rounded up to whole 28-px patches: 112"),
+        ({"tile_overlap": 14}, "set tile_size too"),
+        ({"tile_size": 112, "full_resolution_maps": False}, "needs full_resolution_maps=True"),
+        ({"tile_size": 112, "pre_processor": False}, "needs the model's own pre-processor"),
+    ],
+)
+def test_bad_tiling_fails_at_construction_naming_the_setting(options: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=SIZE, layers=(1, 3), **options)
+
+
+def test_too_many_tiles_fail_naming_a_tile_size_that_works() -> None:
+    tiling = Tiling(56, image_size=56, patch_size=14, max_tiles=16)
+    with pytest.raises(ValueError, match=r"cuts a 400 x 300 image into 48 tiles, more than the maximum of 16") as error:
+        tiling.layout(300, 400)
+    suggested = int(str(error.value).split("use tile_size=")[1].split()[0])
+    assert Tiling(suggested, image_size=56, patch_size=14, max_tiles=16).layout(300, 400).count <= 16
+    with pytest.raises(ValueError, match="more than the maximum of 16"):
+        Tiling(suggested - 4, image_size=56, patch_size=14, max_tiles=16).layout(300, 400)
+
+
+def test_too_many_tiles_are_refused_before_any_work(tmp_path: Path) -> None:
+    Image.new("RGB", (8000, 2000)).save(tmp_path / "strip.png")
+    checks = DataChecks(input_size=SIZE, patch_size=14, tiling=Tiling(56, image_size=SIZE, patch_size=14))
+    with pytest.raises(ValueError, match=r"tile_size=56 cuts a 8000 x 2000 image into \d+ tiles.*use tile_size="):
+        checks.check_dataset(PredictDataset(tmp_path), "predict")
+    model = _model(tile_size=56)
+    with pytest.raises(ValueError, match="tile_size=56 cuts a 8000 x 2000 image"):
+        model.to_onnx(tmp_path / "export", input_size=(2000, 8000))
+    assert not (tmp_path / "export").exists()
