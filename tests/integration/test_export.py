@@ -237,7 +237,10 @@ def test_export_at_445_by_517_pads_resizes_and_matches_pytorch(tmp_path: Path, m
 
 
 def test_tiled_export_tiles_in_the_graph_and_matches_pytorch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiled model exports as one graph: pad, cut into 6 tiles, one teacher batch, stitch, smooth, post-process."""
+    """A tiled model exports as one graph: pad, cut into 6 tiles, one teacher batch, stitch, smooth, post-process.
+
+    Eager, the teacher takes the tiles in chunks of ``tile_batch_size``; the graph runs them in one batch.
+    """
     monkeypatch.chdir(tmp_path)
     model = TransformerStudent(
         pretrained=False,
@@ -246,17 +249,20 @@ def test_tiled_export_tiles_in_the_graph_and_matches_pytorch(tmp_path: Path, mon
         layers=(0, 1),
         tile_size=112,
         tile_overlap=14,
+        tile_batch_size=4,
     )
     assert model.tiling.layout(130, 250).count == 6
     path = model.eval().to_openvino(tmp_path / "export", input_size=(130, 250))
+    operations = [operation.get_type_name() for operation in ov.Core().read_model(path).get_ops()]
+    assert operations.count("ScaledDotProductAttention") == 2  # blocks 0 and 1, once: not one teacher per chunk
 
     images = torch.rand(2, 3, 130, 250, generator=torch.Generator().manual_seed(0))
     teacher_batches = []
     hook = model.model.teacher.register_forward_hook(lambda _m, inputs, _o: teacher_batches.append(len(inputs[0])))
     with torch.no_grad():
-        expected = model(images)  # the exported forward
+        expected = model(images)  # the exported forward, run eagerly
     hook.remove()
-    assert teacher_batches == [12]  # one teacher batch: the 6 tiles of each of the 2 images
+    assert teacher_batches == [4, 4, 4]  # the 6 tiles of each of the 2 images, in chunks of 4
     inferencer = OpenVINOInferencer(path, device="CPU", config=FP32)
     for image, expected_map, expected_score in zip(images, expected.anomaly_map, expected.pred_score, strict=True):
         actual = inferencer.predict(image)

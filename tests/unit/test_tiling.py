@@ -122,6 +122,19 @@ def test_tiled_map_has_the_images_size_and_both_paths_agree() -> None:
     torch.testing.assert_close(step.pred_score, top)  # top-0.1 % mean of the full map
 
 
+def test_tiles_reach_the_teacher_in_chunks_of_tile_batch_size() -> None:
+    chunked, at_once = _model(tile_size=SIZE, tile_batch_size=4), _model(tile_size=SIZE, tile_batch_size=100)
+    at_once.load_state_dict(chunked.state_dict())
+    images = torch.rand(1, 3, 130, 250, generator=torch.Generator().manual_seed(3))
+    assert chunked.tiling.layout(130, 250).count == 15
+    batches = []
+    chunked.model.teacher.register_forward_hook(lambda _m, inputs, _o: batches.append(len(inputs[0])))
+    with torch.no_grad():
+        expected, actual = at_once._predict(images), chunked._predict(images)
+    assert batches == [4, 4, 4, 3]
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=1e-5, rtol=0)
+
+
 def test_uniform_image_gives_a_map_without_seams_at_tile_borders() -> None:
     """Without positional embedding, a uniform image gives every patch the same score: the map is flat.
 
@@ -165,6 +178,7 @@ def test_tiling_options_from_the_constructor() -> None:
         ({"tile_overlap": 14}, "set tile_size too"),
         ({"tile_size": 112, "full_resolution_maps": False}, "needs full_resolution_maps=True"),
         ({"tile_size": 112, "pre_processor": False}, "needs the model's own pre-processor"),
+        ({"tile_size": 112, "tile_batch_size": 0}, "tile_batch_size must be a positive integer, got 0"),
     ],
 )
 def test_bad_tiling_fails_at_construction_naming_the_setting(options: dict, named: str) -> None:

@@ -4,6 +4,11 @@ Nominal images are random crops of the brick, grass and gravel textures; defecti
 synthetic defects (stains, scratches and tiny spots a few pixels wide) with exact masks.
 Everything is generated offline and reproducibly from a seed.
 
+:func:`generate_large_image_dataset` writes large images (1344 px by default) of the textures at their
+native scale, mirror-tiled, with only tiny spots (a few pixels across) as defects: the case that tiling
+(``TransformerStudent(tile_size=...)``) is for, where resizing the whole image would shrink a spot below
+one pixel.
+
 Layout (as anomalib's ``MVTecAD`` datamodule expects)::
 
     root/<category>/train/good/000.png
@@ -144,4 +149,100 @@ def generate_demo_dataset(root: str | Path, spec: DemoDatasetSpec | None = None)
                 image = _apply_defect(_nominal_crop(texture, spec.image_size, rng), mask, rng)
                 _save(image, folder / "test" / kind / f"{index:03d}.png")
                 _save_mask(mask, folder / "ground_truth" / kind / f"{index:03d}_mask.png")
+    return root
+
+
+@dataclass(frozen=True)
+class LargeImageSpec:
+    """What :func:`generate_large_image_dataset` generates: large images with tiny spots only.
+
+    Args:
+        categories: Texture names, a subset of ``TEXTURES``.
+        image_size: Side of each square image in pixels; the texture keeps its native scale (mirror-tiled).
+        n_train: Nominal training images per category.
+        n_test_good: Nominal test images per category.
+        n_test_per_defect: Defective test images (defect type ``spot``) per category.
+        spots_per_image: Least and most spots on a defective image.
+        spot_radius: Least and most radius of a spot in pixels.
+        seed: Seed of every random choice.
+    """
+
+    categories: Sequence[str] = ("gravel",)
+    image_size: int = 1344
+    n_train: int = 8
+    n_test_good: int = 4
+    n_test_per_defect: int = 6
+    spots_per_image: tuple[int, int] = (1, 3)
+    spot_radius: tuple[float, float] = (1.5, 3.0)
+    seed: int = 0
+
+
+def _native_mosaic(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` x ``size`` of the texture at its native scale, mirror-tiled, from a random offset.
+
+    Mirror tiling repeats every ``2 * side`` pixels, and a flipped texture's tiling is the same tiling
+    shifted by ``side``: the random offset within one period covers the flips too.
+    """
+    height, width = texture.shape[:2]
+    top, left = int(rng.integers(0, 2 * height)), int(rng.integers(0, 2 * width))
+    padding = ((0, top + size - height), (0, left + size - width), (0, 0))
+    tiled = np.pad(texture, tuple((before, max(0, after)) for before, after in padding), mode="symmetric")
+    return np.ascontiguousarray(tiled[top : top + size, left : left + size])
+
+
+def _spot_masks(spec: LargeImageSpec, rng: np.random.Generator) -> list[np.ndarray]:
+    """One mask per spot: disks of ``spec.spot_radius``, apart from each other and from the border."""
+    size, (least, most) = spec.image_size, spec.spots_per_image
+    low, high = spec.spot_radius
+    margin = int(np.ceil(high)) + 2
+    masks: list[np.ndarray] = []
+    centres: list[np.ndarray] = []
+    for _ in range(int(rng.integers(least, most + 1))):
+        for _attempt in range(100):  # spots must not touch, so that each is one region of its own size
+            centre = rng.integers(margin, size - margin, size=2)
+            if all(np.abs(centre - other).max() > 2 * margin for other in centres):
+                break
+        else:
+            continue
+        mask = np.zeros((size, size), dtype=bool)
+        mask[draw.disk(tuple(centre), rng.uniform(low, high), shape=mask.shape)] = True
+        masks.append(mask)
+        centres.append(centre)
+    return masks
+
+
+def generate_large_image_dataset(root: str | Path, spec: LargeImageSpec | None = None) -> Path:
+    """Write large images with tiny spots under ``root`` (MVTec AD layout, defect type ``spot``); return ``root``.
+
+    Every image is a texture at its native scale, mirror-tiled to ``spec.image_size`` from a random
+    offset (nothing is resized). Defective test images carry ``spec.spots_per_image`` spots of
+    ``spec.spot_radius`` pixels, each its own colour; their masks mark exactly the changed pixels.
+
+    Example:
+        >>> import tempfile
+        >>> spec = LargeImageSpec(image_size=64, n_train=1, n_test_good=1, n_test_per_defect=1)
+        >>> root = generate_large_image_dataset(tempfile.mkdtemp(), spec)
+        >>> sorted(p.name for p in (root / "gravel" / "test").iterdir())
+        ['good', 'spot']
+    """
+    spec = spec or LargeImageSpec()
+    if spec.spots_per_image[0] < 1 or spec.image_size < 4 * (spec.spot_radius[1] + 2):
+        msg = f"LargeImageSpec needs at least one spot and images far larger than a spot, got {spec}."
+        raise ValueError(msg)
+    root = Path(root)
+    for offset, category in enumerate(spec.categories):
+        rng = np.random.default_rng([spec.seed, offset])
+        texture = _texture(category)
+        folder = root / category
+        for index in range(spec.n_train):
+            _save(_native_mosaic(texture, spec.image_size, rng), folder / "train" / "good" / f"{index:03d}.png")
+        for index in range(spec.n_test_good):
+            _save(_native_mosaic(texture, spec.image_size, rng), folder / "test" / "good" / f"{index:03d}.png")
+        for index in range(spec.n_test_per_defect):
+            image = _native_mosaic(texture, spec.image_size, rng)
+            masks = _spot_masks(spec, rng)
+            for mask in masks:
+                image = _apply_defect(image, mask, rng)
+            _save(image, folder / "test" / "spot" / f"{index:03d}.png")
+            _save_mask(np.logical_or.reduce(masks), folder / "ground_truth" / "spot" / f"{index:03d}_mask.png")
     return root

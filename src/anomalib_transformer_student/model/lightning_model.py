@@ -65,6 +65,14 @@ DEFAULT_IMAGE_SIZE = 1036
 __all__ = ["TransformerStudent"]
 
 
+def _positive_count(name: str, value: int) -> int:
+    """``value`` if it is a positive integer, else a ``ValueError`` naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        msg = f"{name} must be a positive integer, got {value!r}; e.g. {name}=8."
+        raise ValueError(msg)
+    return value
+
+
 class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
     """Learning to Be a Transformer to Pinpoint Anomalies (Costanzino et al., IEEE Access 2025).
 
@@ -142,6 +150,9 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         tile_overlap: Pixels of the original image that neighbouring tiles share at least (rounded
             up to whole patches); tiles are spread evenly to cover the image, so they often share
             more. Where tiles overlap, their patch scores are averaged.
+        tile_batch_size: Most tiles the teacher takes at once in training and evaluation (a batch's
+            tiles run in chunks of this size): bounds the teacher's memory, and on CPUs keeps the
+            cost per tile that of a small batch. Exported graphs run all tiles of a batch at once.
         skip_corrupt_images: Drop images (and masks) that cannot be decoded, with one warning
             listing them, instead of stopping with ``CorruptImageError`` (every image and mask is
             checked before a stage starts; see :class:`DataChecks`).
@@ -180,6 +191,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         skip_corrupt_images: bool = False,
         tile_size: int | None = None,
         tile_overlap: int = 0,
+        tile_batch_size: int = 8,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -211,6 +223,8 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             feature_extractor, blur_kernel_sizes, blur_repeats, topk_ratio, teacher_precision=teacher_precision
         )
         tiling = self._tiling(tile_size, tile_overlap, pre_processor, full_resolution_maps)
+        if tiling is not None:
+            self.model.teacher_batch_size = _positive_count("tile_batch_size", tile_batch_size)
         if pre_processor is True:
             self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps, tiling)
         elif full_resolution_maps and pre_processor is not False:

@@ -45,6 +45,10 @@ class TransformerStudentModel(nn.Module):
         topk_ratio: Fraction of map pixels averaged into the image score.
         teacher_precision: ``"float32"``, or ``"float16"``/``"bfloat16"`` to run the teacher under
             autocast on CUDA (its tokens come back as float32; other devices keep float32).
+        teacher_batch_size: Most images (tiles) the teacher takes at once outside export; larger
+            batches run in chunks of this size, which bounds memory and, on CPUs, keeps the cost
+            per image that of a small batch. ``None`` runs every batch whole. Exported graphs
+            always run the whole batch at once.
 
     Example:
         >>> from anomalib_transformer_student.model.teacher import TeacherFeatureExtractor, create_backbone
@@ -62,8 +66,13 @@ class TransformerStudentModel(nn.Module):
         blur_repeats: Sequence[int] = (5, 3),
         topk_ratio: float = 0.001,
         teacher_precision: str = "float32",
+        teacher_batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        if teacher_batch_size is not None and (isinstance(teacher_batch_size, bool) or teacher_batch_size < 1):
+            msg = f"teacher_batch_size must be a positive number of images or None, got {teacher_batch_size!r}."
+            raise ValueError(msg)
+        self.teacher_batch_size = teacher_batch_size
         if teacher_precision not in TEACHER_PRECISIONS:
             msg = f"teacher_precision must be one of {sorted(TEACHER_PRECISIONS)}, got '{teacher_precision}'."
             raise ValueError(msg)
@@ -79,7 +88,17 @@ class TransformerStudentModel(nn.Module):
         return cosine_loss(self.forward_student(shallow), deep) + cosine_loss(self.backward_student(deep), shallow)
 
     def teacher_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the teacher's shallow and deep tokens as float32, run at ``teacher_precision`` on CUDA."""
+        """Return the teacher's shallow and deep tokens as float32, run at ``teacher_precision`` on CUDA.
+
+        Outside export, in chunks of at most ``teacher_batch_size`` images.
+        """
+        chunk = self.teacher_batch_size
+        if chunk is not None and not torch.compiler.is_exporting() and len(images) > chunk:
+            parts = [self._teacher_tokens(part) for part in images.split(chunk)]
+            return torch.cat([shallow for shallow, _ in parts]), torch.cat([deep for _, deep in parts])
+        return self._teacher_tokens(images)
+
+    def _teacher_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = TEACHER_PRECISIONS[self.teacher_precision]
         if dtype is None:
             return self.teacher(images)
