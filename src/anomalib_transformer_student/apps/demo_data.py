@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,14 @@ def _save_mask(mask: np.ndarray, path: Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)
 
 
+def _save_nominal_images(folder: Path, n_train: int, n_test_good: int, make: Callable[[], np.ndarray]) -> None:
+    """Write ``n_train`` training and ``n_test_good`` good test images of a category, each made by ``make()``."""
+    for index in range(n_train):
+        _save(make(), folder / "train" / "good" / f"{index:03d}.png")
+    for index in range(n_test_good):
+        _save(make(), folder / "test" / "good" / f"{index:03d}.png")
+
+
 def generate_demo_dataset(root: str | Path, spec: DemoDatasetSpec | None = None) -> Path:
     """Write the dataset under ``root`` (one folder per category) and return ``root``.
 
@@ -139,10 +148,8 @@ def generate_demo_dataset(root: str | Path, spec: DemoDatasetSpec | None = None)
         rng = np.random.default_rng([spec.seed, offset])
         texture = _texture(category)
         folder = root / category
-        for index in range(spec.n_train):
-            _save(_nominal_crop(texture, spec.image_size, rng), folder / "train" / "good" / f"{index:03d}.png")
-        for index in range(spec.n_test_good):
-            _save(_nominal_crop(texture, spec.image_size, rng), folder / "test" / "good" / f"{index:03d}.png")
+        nominal = partial(_nominal_crop, texture, spec.image_size, rng)
+        _save_nominal_images(folder, spec.n_train, spec.n_test_good, nominal)
         for kind in DEFECT_TYPES:
             for index in range(spec.n_test_per_defect):
                 mask = _defect_mask(kind, spec.image_size, rng)
@@ -234,10 +241,8 @@ def generate_large_image_dataset(root: str | Path, spec: LargeImageSpec | None =
         rng = np.random.default_rng([spec.seed, offset])
         texture = _texture(category)
         folder = root / category
-        for index in range(spec.n_train):
-            _save(_native_mosaic(texture, spec.image_size, rng), folder / "train" / "good" / f"{index:03d}.png")
-        for index in range(spec.n_test_good):
-            _save(_native_mosaic(texture, spec.image_size, rng), folder / "test" / "good" / f"{index:03d}.png")
+        nominal = partial(_native_mosaic, texture, spec.image_size, rng)
+        _save_nominal_images(folder, spec.n_train, spec.n_test_good, nominal)
         for index in range(spec.n_test_per_defect):
             image = _native_mosaic(texture, spec.image_size, rng)
             masks = _spot_masks(spec, rng)

@@ -144,9 +144,9 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             the image, upsampled and smoothed once at full resolution (see
             :mod:`~anomalib_transformer_student.model.tiling`). At most
             ``MAX_TILES_PER_IMAGE`` (256) tiles per image. In training every tile of every image
-            trains the students (the teacher sees ``train_batch_size`` x tiles at once in the
-            first epoch). ``None`` (default) inspects each image whole. Needs the default
-            pre-processor and ``full_resolution_maps``.
+            trains the students (the teacher takes them ``tile_batch_size`` at a time). ``None``
+            (default) inspects each image whole. Needs the default pre-processor and
+            ``full_resolution_maps``.
         tile_overlap: Pixels of the original image that neighbouring tiles share at least (rounded
             up to whole patches); tiles are spread evenly to cover the image, so they often share
             more. Where tiles overlap, their patch scores are averaged.
