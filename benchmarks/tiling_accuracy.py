@@ -100,7 +100,6 @@ def train_and_test(mode: str, root: Path, workdir: Path, args: argparse.Namespac
         max_epochs=args.epochs,
         default_root_dir=workdir / f"run_{mode}",
         logger=False,
-        check_val_every_n_epoch=args.epochs,  # one validation (thresholds), at the end; test reuses its features
         enable_progress_bar=False,
     )
     engine.fit(model, datamodule=datamodule)
