@@ -48,7 +48,7 @@ from .pre_processing import (
     training_input,
 )
 from .teacher import DEFAULT_LAYERS, DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
-from .tiling import MAX_TILES_PER_IMAGE, Tiling
+from .tiling import Tiling
 from .torch_model import TransformerStudentModel
 
 if TYPE_CHECKING:
@@ -263,13 +263,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             )
             raise ValueError(msg)
         teacher = self.model.teacher
-        tiling = Tiling(
-            tile_size,
-            tile_overlap,
-            image_size=teacher.image_size,
-            patch_size=teacher.patch_size,
-            max_tiles=MAX_TILES_PER_IMAGE,
-        )
+        tiling = Tiling(tile_size, tile_overlap, image_size=teacher.image_size, patch_size=teacher.patch_size)
         logger.info(
             "Images larger than %d x %d px are inspected in %d-px tiles, each resized to %d px for the teacher "
             "(neighbours share at least %d px; at most %d tiles per image).",
@@ -278,7 +272,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             tile_size,
             teacher.image_size,
             tiling.overlap,
-            MAX_TILES_PER_IMAGE,
+            tiling.max_tiles,
         )
         return tiling
 

@@ -164,8 +164,7 @@ class Tiling:
         """
         if self.fits(height, width):
             return None
-        canvas = tuple(max(self.tile_size, _round_up(side, self.stride)) for side in (height, width))
-        rows, columns = (self._origins(side) for side in canvas)
+        canvas, (rows, columns) = self._canvas_and_origins(height, width)
         count = len(rows) * len(columns)
         if count > self.max_tiles:
             msg = (
@@ -182,6 +181,13 @@ class Tiling:
             grid=self.grid,
             origins=tuple((y, x) for y in rows for x in columns),
         )
+
+    def _canvas_and_origins(
+        self, height: int, width: int
+    ) -> tuple[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]]:
+        """The canvas of an image larger than one tile, and the tiles' starts along its rows and columns."""
+        rows, columns = (max(self.tile_size, _round_up(side, self.stride)) for side in (height, width))
+        return (rows, columns), (self._origins(rows), self._origins(columns))
 
     def _origins(self, length: int) -> tuple[int, ...]:
         """Tile starts along a canvas side: whole patches, evenly spread, the last tile ending at the border."""
@@ -207,9 +213,8 @@ class Tiling:
         """Number of tiles of a ``height`` x ``width`` image (1 when it fits in one tile), without the maximum."""
         if self.fits(height, width):
             return 1
-        canvas = (max(self.tile_size, _round_up(side, self.stride)) for side in (height, width))
-        rows, columns = (len(self._origins(side)) for side in canvas)
-        return rows * columns
+        _, (rows, columns) = self._canvas_and_origins(height, width)
+        return len(rows) * len(columns)
 
     def split(self, images: torch.Tensor, layout: TileLayout) -> torch.Tensor:
         """Cut images ``(B, C, H, W)`` into tiles ``(B * count, C, tile, tile)``, each image's tiles in a row.

@@ -60,6 +60,9 @@ class TileCounter(Protocol):
 
     tile_size: int
 
+    def fits(self, height: int, width: int) -> bool:
+        """Whether an image of this size fits in one tile (and so is not tiled)."""
+
     def layout(self, height: int, width: int) -> object | None:
         """The tiles of an image of this size (``None`` if it fits in one); raises ``ValueError`` if too many."""
 
@@ -301,7 +304,7 @@ class DataChecks(Callback):
             self.tiling.layout(size[1], size[0])
 
     def _tiled(self, size: tuple[int, int]) -> bool:
-        return self.tiling is not None and self.tiling.layout(size[1], size[0]) is not None
+        return self.tiling is not None and not self.tiling.fits(size[1], size[0])
 
     def _warn_thin_images(self, checks: Iterable[ImageCheck], split: str) -> None:
         """Warn about images whose content is thinner than one patch once padded (or tiled) and resized."""
