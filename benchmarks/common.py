@@ -8,10 +8,13 @@ them, so that importing this module (and ``--help``) stays quick.
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,6 +25,82 @@ if TYPE_CHECKING:
     from anomalib.models.image import L2BT
 
 T = TypeVar("T")
+
+# CPU features (Linux /proc/cpuinfo flags) that decide which precision runs fast: AVX2 and AVX-512 for float32,
+# AVX512_BF16 and AMX-BF16 for bfloat16, AVX512_VNNI and AMX-INT8 for int8.
+RELEVANT_CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class OpenVINOVariant:
+    """One way of running the model in OpenVINO: an export of it and the precision the CPU computes it in.
+
+    Attributes:
+        label: Name in tables.
+        compression: ``to_openvino``'s ``compression_type`` (``None``: FP32 IR).
+        hint: OpenVINO's ``INFERENCE_PRECISION_HINT`` (``f32`` or ``bf16``); ``bf16`` needs a CPU with bf16
+            units (on such a CPU, ``bf16`` is also what OpenVINO chooses when no hint is given).
+        attention_quantised: INT8 PTQ with the teacher's attention products quantised too.
+    """
+
+    label: str
+    compression: str | None
+    hint: str
+    attention_quantised: bool = False
+
+
+OPENVINO_VARIANTS = {
+    "ov-fp32": OpenVINOVariant("OpenVINO FP32, f32", None, "f32"),
+    "ov-bf16": OpenVINOVariant("OpenVINO FP32 IR, bf16 (default on bf16 CPUs)", None, "bf16"),
+    "ov-fp16": OpenVINOVariant("OpenVINO FP16 weights, f32", "fp16", "f32"),
+    "ov-int8": OpenVINOVariant("OpenVINO INT8 weights, f32", "int8", "f32"),
+    "ov-int8-bf16": OpenVINOVariant("OpenVINO INT8 weights, bf16", "int8", "bf16"),
+    "ov-int8-ptq": OpenVINOVariant("OpenVINO INT8 PTQ, f32", "int8_ptq", "f32"),
+    "ov-int8-ptq-bf16": OpenVINOVariant("OpenVINO INT8 PTQ, bf16", "int8_ptq", "bf16"),
+    "ov-int8-ptq-attention": OpenVINOVariant("OpenVINO INT8 PTQ, attention quantised, f32", "int8_ptq", "f32", True),
+}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux, as ``lscpu`` prints it), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from Linux's ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); ``None`` elsewhere."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return None
+    flags: set[str] = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    return flags
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether the CPU computes bfloat16 natively (x86 AVX512_BF16 or AMX-BF16, Arm BF16), by its flags."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & (cpu_flags() or set()))
+
+
+def cpu_summary() -> str:
+    """One line: the CPU's name, its logical cores, and which of ``RELEVANT_CPU_FEATURES`` it has.
+
+    Example: ``Intel(R) Xeon(R) Processor, 2 cores; has avx2 avx512f avx512_bf16 ...; lacks none``.
+    """
+    flags = cpu_flags()
+    if flags is None:
+        features = "features unknown (no /proc/cpuinfo)"
+    else:
+        present = [name for name in RELEVANT_CPU_FEATURES if name in flags]
+        absent = [name for name in RELEVANT_CPU_FEATURES if name not in flags]
+        features = f"has {' '.join(present) or 'none'}; lacks {' '.join(absent) or 'none'}"
+    return f"{cpu_name()}, {os.cpu_count()} cores; {features} (of {', '.join(RELEVANT_CPU_FEATURES)})"
 
 
 def synchronize_cuda() -> None:

@@ -3,29 +3,41 @@
 Variants, each at every ``--sizes`` resolution (square images of that side, the model's own size):
 
 - ``torch``: PyTorch FP32, ours (``TransformerStudent.forward``: pre-processing, model, post-processing);
+- ``torch-bf16``: ours with ``teacher_precision="bfloat16"`` (the teacher under bf16 autocast; CPUs with bf16
+  units only);
 - ``l2bt``: PyTorch FP32, anomalib's ``L2BT`` with its pre-processor at the same size;
-- ``ov-fp32``, ``ov-fp16``, ``ov-int8``, ``ov-int8-ptq``: OpenVINO exports of ours made by
-  ``to_openvino`` (INT8: weight compression; INT8 PTQ: quantisation calibrated on generated images);
+- OpenVINO exports of ours made by ``to_openvino`` (see ``OPENVINO_VARIANTS`` in ``common.py``), each compiled
+  with an explicit ``INFERENCE_PRECISION_HINT``: ``ov-fp32`` (f32: the arithmetic that equals PyTorch FP32),
+  ``ov-bf16`` (the FP32 IR in bf16: what OpenVINO chooses by itself on CPUs with bf16 units), ``ov-fp16`` (FP16
+  weights), ``ov-int8`` and ``ov-int8-bf16`` (INT8 weight compression), ``ov-int8-ptq`` and ``ov-int8-ptq-bf16``
+  (quantisation calibrated on generated images); the bf16 ones only on CPUs with bf16 units;
 - on request only, ``ov-int8-ptq-attention``: INT8 PTQ with the teacher's attention products quantised too;
-- with CUDA present, also ``cuda-fp32``, ``cuda-fp16``, ``l2bt-cuda-fp32``, ``l2bt-cuda-fp16`` (FP16: autocast).
+- with CUDA present, also ``cuda-fp32``, ``cuda-fp16``, ``cuda-bf16`` (ours; half precision through
+  ``teacher_precision``) and ``l2bt-cuda-fp32``, ``l2bt-cuda-fp16``, ``l2bt-cuda-bf16`` (L2BT; half precision:
+  autocast around its forward, as it has no such option).
 
-Each variant runs in a fresh process: ``--warmup`` untimed runs, then ``--runs`` timed ones; latency is
-their median, throughput its inverse, peak memory the process's peak resident set (CUDA: peak allocated
-GPU memory). The exports' time and size are recorded too. Teachers have random weights: speed does not
-depend on them. A last table splits the time of ours into pre-processing, teacher, students, anomaly map
-and post-processing (PyTorch: module hooks; OpenVINO: per-node profiling, nodes mapped to modules through
-the scopes the ONNX exporter records).
+The first lines name the CPU and which of its features decide the precisions' speed (AVX2, AVX-512,
+AVX512_BF16, AVX512_VNNI, AMX-BF16, AMX-INT8). Each variant runs in a fresh process: ``--warmup`` untimed runs,
+then ``--runs`` timed ones; latency is their median, throughput its inverse, peak memory the process's peak
+resident set (CUDA: peak allocated GPU memory). The exports' time and size are recorded too. Teachers have
+random weights: speed does not depend on them. A last table splits the time of ours into pre-processing,
+teacher, students, anomaly map and post-processing (PyTorch: module hooks; OpenVINO: per-node profiling, nodes
+mapped to modules through the scopes the ONNX exporter records). How far each variant's maps and labels are
+from PyTorch FP32 is measured by ``benchmarks/precision_fidelity.py``.
 
 Processes that run one after the other on a shared machine see different loads. ``--paired N`` compares ours
 with L2BT in PyTorch FP32 within one process instead, alternating the two models N times (ours, L2BT, ours,
 ...), so that both see the same conditions: the whole forward, the teacher alone, and everything but the
-teacher; it prints the medians and their ratios, and nothing else.
+teacher; it prints the medians and their ratios, and nothing else. ``--alternate N`` does the same for the
+CPU variants asked for (PyTorch and OpenVINO, no per-part shares or memory): it exports, then times them in
+one process, round-robin N times, and prints each one's median latency and its ratio to PyTorch FP32.
 
 Usage::
 
     python benchmarks/inference_speed.py [--sizes 448 1036] [--teacher vit_base_patch14_reg4_dinov2.lvd142m]
-        [--runs 5] [--warmup 1] [--variants torch l2bt ov-fp32 ...]
+        [--runs 5] [--warmup 1] [--variants torch torch-bf16 l2bt ov-fp32 ov-bf16 ...]
     python benchmarks/inference_speed.py --sizes 1036 --paired 3 --threads 1
+    python benchmarks/inference_speed.py --sizes 1036 --alternate 3 --variants torch torch-bf16 ov-fp32 ov-bf16
 """
 
 from __future__ import annotations
@@ -33,7 +45,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -42,7 +53,11 @@ from pathlib import Path
 
 import torch
 from common import (
+    OPENVINO_VARIANTS,
+    OpenVINOVariant,
     build_l2bt,
+    cpu_has_bf16_units,
+    cpu_summary,
     generate_demo_data,
     in_fresh_process,
     markdown_row,
@@ -52,31 +67,38 @@ from common import (
     time_runs,
 )
 
-CPU_VARIANTS = ("torch", "l2bt", "ov-fp32", "ov-fp16", "ov-int8", "ov-int8-ptq")
+CPU_VARIANTS = (
+    "torch",
+    "torch-bf16",
+    "l2bt",
+    "ov-fp32",
+    "ov-bf16",
+    "ov-fp16",
+    "ov-int8",
+    "ov-int8-bf16",
+    "ov-int8-ptq",
+    "ov-int8-ptq-bf16",
+)
 # Not in the default set: INT8 PTQ with the attention products quantised too (NNCF's transformer default).
 EXTRA_VARIANTS = ("ov-int8-ptq-attention",)
-CUDA_VARIANTS = ("cuda-fp32", "cuda-fp16", "l2bt-cuda-fp32", "l2bt-cuda-fp16")
+CUDA_VARIANTS = ("cuda-fp32", "cuda-fp16", "cuda-bf16", "l2bt-cuda-fp32", "l2bt-cuda-fp16", "l2bt-cuda-bf16")
+BF16_VARIANTS = ("torch-bf16", "ov-bf16", "ov-int8-bf16", "ov-int8-ptq-bf16")  # need a CPU with bf16 units
 LABELS = {
     "torch": "PyTorch FP32 (ours)",
+    "torch-bf16": "PyTorch, teacher bf16 (ours)",
     "l2bt": "PyTorch FP32 (anomalib L2BT)",
-    "ov-fp32": "OpenVINO FP32",
-    "ov-fp16": "OpenVINO FP16",
-    "ov-int8": "OpenVINO INT8 (weights)",
-    "ov-int8-ptq": "OpenVINO INT8 PTQ",
-    "ov-int8-ptq-attention": "OpenVINO INT8 PTQ, attention quantised",
+    **{name: variant.label for name, variant in OPENVINO_VARIANTS.items()},
     "cuda-fp32": "PyTorch CUDA FP32 (ours)",
-    "cuda-fp16": "PyTorch CUDA FP16 (ours)",
+    "cuda-fp16": "PyTorch CUDA, teacher fp16 (ours)",
+    "cuda-bf16": "PyTorch CUDA, teacher bf16 (ours)",
     "l2bt-cuda-fp32": "PyTorch CUDA FP32 (L2BT)",
-    "l2bt-cuda-fp16": "PyTorch CUDA FP16 (L2BT)",
+    "l2bt-cuda-fp16": "PyTorch CUDA FP16 autocast (L2BT)",
+    "l2bt-cuda-bf16": "PyTorch CUDA bf16 autocast (L2BT)",
 }
 TIMED_PARTS = ("whole", "teacher", "without teacher")  # of --paired
-COMPRESSION = {
-    "ov-fp32": None,
-    "ov-fp16": "fp16",
-    "ov-int8": "int8",
-    "ov-int8-ptq": "int8_ptq",
-    "ov-int8-ptq-attention": "int8_ptq",
-}
+# Autocast dtype of a PyTorch variant, by the end of its name (ours: the teacher's ``teacher_precision``).
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TEACHER_PRECISION = {"fp16": "float16", "bf16": "bfloat16"}
 # Module scopes of TransformerStudent, as the ONNX exporter records them, and their share-table names.
 PARTS = {
     "pre_processor": "pre-processing",
@@ -99,11 +121,13 @@ NORMALISATION = {
 }
 
 
-def build_ours(teacher: str, size: int) -> torch.nn.Module:
+def build_ours(teacher: str, size: int, teacher_precision: str = "float32") -> torch.nn.Module:
     """TransformerStudent with a random teacher at ``size``, normalisation statistics set, in eval mode."""
     from anomalib_transformer_student import TransformerStudent
 
-    model = TransformerStudent(pretrained=False, teacher=teacher, image_size=size, visualizer=False)
+    model = TransformerStudent(
+        pretrained=False, teacher=teacher, image_size=size, teacher_precision=teacher_precision, visualizer=False
+    )
     state = model.post_processor.state_dict()
     model.post_processor.load_state_dict({**state, **{key: torch.tensor(v) for key, v in NORMALISATION.items()}})
     return model.eval()
@@ -132,14 +156,21 @@ def measure_torch(variant: str, teacher: str, size: int, warmup: int, runs: int,
     cuda = "cuda" in variant
     device = torch.device("cuda" if cuda else "cpu")
     l2bt = variant.startswith("l2bt")
-    model = (build_l2bt(size, visualizer=False).eval() if l2bt else build_ours(teacher, size)).to(device)
+    precision = variant.rsplit("-", 1)[-1]
+    half = HALF.get(precision)
+    if l2bt:
+        model = build_l2bt(size, visualizer=False).eval()
+    else:
+        model = build_ours(teacher, size, TEACHER_PRECISION.get(precision, "float32"))
+    model = model.to(device)
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     parts: dict[str, float] = {}
-    if variant == "torch":
+    if variant in {"torch", "torch-bf16"}:
         hook_parts(model, parts)
 
     def run() -> None:
-        with torch.inference_mode(), torch.autocast(device.type, torch.float16, enabled=variant.endswith("fp16")):
+        # L2BT has no precision option: autocast around its whole forward.
+        with torch.inference_mode(), torch.autocast(device.type, half or torch.bfloat16, enabled=l2bt and bool(half)):
             model(images)
 
     synchronize = torch.cuda.synchronize if cuda else None
@@ -180,8 +211,64 @@ def measure_paired(teacher: str, size: int, warmup: int, runs: int, threads: int
     return times
 
 
-def measure_openvino(model_path: str, warmup: int, runs: int, threads: int | None, scopes: dict[str, str]) -> dict:
-    """Latencies and peak memory of an OpenVINO IR on CPU, then the per-part shares of one profiled run."""
+def measure_alternating(
+    teacher: str, size: int, variants: list[str], paths: dict[str, str], warmup: int, runs: int, threads: int | None
+) -> dict[str, list[float]]:
+    """Latencies of the variants on CPU in this one process, alternating ``runs`` times (each after ``warmup``).
+
+    On a shared machine, processes run one after the other see different loads; alternating gives every variant
+    the same conditions. ``paths`` holds each OpenVINO variant's IR. PyTorch variants share one model of ours
+    (``torch-bf16``: its ``teacher_precision`` set to ``"bfloat16"`` for the call).
+    """
+    import openvino as ov
+
+    if threads:
+        torch.set_num_threads(threads)
+    images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    ours = build_ours(teacher, size) if {"torch", "torch-bf16"} & set(variants) else None
+    core = ov.Core()
+    runners = {}
+    for name in variants:
+        if name in OPENVINO_VARIANTS:
+            config = {
+                "INFERENCE_PRECISION_HINT": OPENVINO_VARIANTS[name].hint,
+                **({"INFERENCE_NUM_THREADS": threads} if threads else {}),
+            }
+            request = core.compile_model(paths[name], "CPU", config).create_infer_request()
+            runners[name] = lambda request=request: request.infer({0: images.numpy()})
+        elif name in {"torch", "torch-bf16"}:
+            precision = "bfloat16" if name == "torch-bf16" else "float32"
+
+            def run_ours(precision: str = precision) -> None:
+                ours.model.teacher_precision = precision
+                with torch.inference_mode():
+                    ours(images)
+
+            runners[name] = run_ours
+        elif name == "l2bt":
+            l2bt = build_l2bt(size, visualizer=False).eval()
+
+            def run_l2bt(l2bt: torch.nn.Module = l2bt) -> None:
+                with torch.inference_mode():
+                    l2bt(images)
+
+            runners[name] = run_l2bt
+        else:
+            msg = f"--alternate runs CPU variants only, not {name}."
+            raise ValueError(msg)
+    for run in runners.values():
+        time_runs(run, warmup, 0)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            times[name] += time_runs(run, 0, 1)
+    return times
+
+
+def measure_openvino(
+    model_path: str, hint: str, warmup: int, runs: int, threads: int | None, scopes: dict[str, str]
+) -> dict:
+    """Latencies and peak memory of an OpenVINO IR on CPU at precision ``hint``, then per-part shares of a run."""
     import numpy as np
     import openvino as ov
 
@@ -189,8 +276,8 @@ def measure_openvino(model_path: str, warmup: int, runs: int, threads: int | Non
     model = core.read_model(model_path)
     size = model.input(0).get_partial_shape()[2].get_length()
     images = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-    # FP32 means FP32: CPUs with bf16 units would otherwise run an FP32 IR in bf16.
-    config = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    # An explicit precision: CPUs with bf16 units would otherwise run an FP32 IR in bf16.
+    config = {"INFERENCE_PRECISION_HINT": hint, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
     request = core.compile_model(model, "CPU", config).create_infer_request()
     times = time_runs(lambda: request.infer({0: images}), warmup, runs)
     memory = peak_rss_mib()
@@ -238,28 +325,47 @@ def calibration_data(root: Path, size: int) -> object:
     return MVTecAD(root=root, category="brick", num_workers=0, eval_batch_size=1)
 
 
-def export_all(teacher: str, size: int, variants: list[str], root: Path) -> tuple[dict, dict[str, str]]:
-    """Export ours at ``size`` (ONNX once, for the node map; OpenVINO per variant); return paths, times, sizes."""
+def export_name(variant: OpenVINOVariant) -> str:
+    """The export a variant runs (variants differing only in precision share it)."""
+    names = {None: "FP32 IR", "fp16": "FP16 IR", "int8": "INT8 weights IR", "int8_ptq": "INT8 PTQ IR"}
+    return names[variant.compression] + (", attention quantised" if variant.attention_quantised else "")
+
+
+def export_all(
+    teacher: str, size: int, variants: list[str], root: Path, onnx: bool = True
+) -> tuple[dict, dict[str, str]]:
+    """Export ours at ``size`` (ONNX once, for the node map, if ``onnx``; each OpenVINO IR the variants need once).
+
+    Returns:
+        Per export name (``"ONNX"``, ``export_name(...)``): its path, export time and size on disk; and the
+        ONNX graph's node-to-part map (empty without ``onnx``).
+    """
+    if not any(name in OPENVINO_VARIANTS for name in variants):
+        return {}, {}
     import nncf
 
     model = build_ours(teacher, size)
     nncf.set_log_level(logging.WARNING)
     exports = {}
-    start = time.perf_counter()
-    onnx_path = model.to_onnx(root / "onnx", input_size=(size, size))
-    exports["onnx"] = {"seconds": time.perf_counter() - start, "mib": directory_mib(onnx_path.parent)}
-    for variant in variants:
-        if variant not in COMPRESSION:
+    onnx_path = None
+    if onnx:
+        start = time.perf_counter()
+        onnx_path = model.to_onnx(root / "onnx", input_size=(size, size))
+        exports["ONNX"] = {"seconds": time.perf_counter() - start, "mib": directory_mib(onnx_path.parent)}
+    for name in variants:
+        variant = OPENVINO_VARIANTS.get(name)
+        if variant is None or export_name(variant) in exports:
             continue
-        datamodule = calibration_data(root / "calibration", size) if COMPRESSION[variant] == "int8_ptq" else None
-        model.ptq_float_operations = () if variant == "ov-int8-ptq-attention" else type(model).ptq_float_operations
+        calibrated = variant.compression == "int8_ptq"
+        datamodule = calibration_data(root / "calibration", size) if calibrated else None
+        model.ptq_float_operations = () if variant.attention_quantised else type(model).ptq_float_operations
         start = time.perf_counter()
         path = model.to_openvino(
-            root / variant, input_size=(size, size), compression_type=COMPRESSION[variant], datamodule=datamodule
+            root / name, input_size=(size, size), compression_type=variant.compression, datamodule=datamodule
         )
-        exports[variant] = {"path": str(path), "seconds": time.perf_counter() - start}
-        exports[variant]["mib"] = directory_mib(path.parent)
-    return exports, onnx_parts(onnx_path)
+        exports[export_name(variant)] = {"path": str(path), "seconds": time.perf_counter() - start}
+        exports[export_name(variant)]["mib"] = directory_mib(path.parent)
+    return exports, onnx_parts(onnx_path) if onnx_path else {}
 
 
 def directory_mib(directory: Path) -> float:
@@ -278,16 +384,6 @@ def parameter_counts(teacher: str, size: int) -> tuple[int, int, int]:
     return full, pruned, students
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[448, 1036])
@@ -304,14 +400,25 @@ def main() -> None:
     parser.add_argument(
         "--paired", type=int, metavar="N", help="only compare ours with L2BT (PyTorch FP32), alternating N times"
     )
+    parser.add_argument(
+        "--alternate",
+        type=int,
+        metavar="N",
+        help="only latency: all CPU variants in one process, alternating N times (same load for all)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     variants = args.variants or [*CPU_VARIANTS, *(CUDA_VARIANTS if cuda else ())]
+    if not cpu_has_bf16_units():
+        skipped = [variant for variant in variants if variant in BF16_VARIANTS]
+        variants = [variant for variant in variants if variant not in BF16_VARIANTS]
+        if skipped:
+            print(f"Skipped (this CPU has no bf16 units: AVX512_BF16 or AMX-BF16): {', '.join(skipped)}")
 
     print(
-        f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}"
+        f"CPU: {cpu_summary()}; {torch.get_num_threads()} threads; torch {torch.__version__}"
         + (f"; CUDA: {torch.cuda.get_device_name()}" if cuda else "; no CUDA")
     )
     print(f"teacher {args.teacher} (random weights), batch 1, median of {args.runs} runs after {args.warmup} warm-up")
@@ -328,6 +435,10 @@ def main() -> None:
                     f"ours / L2BT = {ours / l2bt:.2f}"
                 )
         return
+    if args.alternate:
+        for size in args.sizes:
+            alternate(args, size, variants)
+        return
     results: dict[tuple[int, str], dict] = {}
     exports: dict[int, dict] = {}
     for size in args.sizes:
@@ -339,9 +450,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as directory:
             exports[size], scopes = export_all(args.teacher, size, variants, Path(directory))
             for variant in variants:
-                if variant in COMPRESSION:
+                if variant in OPENVINO_VARIANTS:
+                    path = exports[size][export_name(OPENVINO_VARIANTS[variant])]["path"]
+                    hint = OPENVINO_VARIANTS[variant].hint
                     result = in_fresh_process(
-                        measure_openvino, exports[size][variant]["path"], args.warmup, args.runs, args.threads, scopes
+                        measure_openvino, path, hint, args.warmup, args.runs, args.threads, scopes
                     )
                 else:
                     result = in_fresh_process(
@@ -353,24 +466,58 @@ def main() -> None:
     print_tables(args.sizes, variants, results, exports)
 
 
+def alternate(args: argparse.Namespace, size: int, variants: list[str]) -> None:
+    """``--alternate``: export, then time all variants alternating in one fresh process; print a table."""
+    with tempfile.TemporaryDirectory() as directory:
+        start = time.perf_counter()
+        exports, _ = export_all(args.teacher, size, variants, Path(directory), onnx=False)
+        print(f"{size} px: exports took {time.perf_counter() - start:.0f} s", flush=True)
+        paths = {
+            name: exports[export_name(OPENVINO_VARIANTS[name])]["path"]
+            for name in variants
+            if name in OPENVINO_VARIANTS
+        }
+        times = in_fresh_process(
+            measure_alternating, args.teacher, size, variants, paths, args.warmup, args.alternate, args.threads
+        )
+    median = {name: statistics.median(runs) for name, runs in times.items()}
+    reference = median.get("torch")
+    print(f"\n{size} px, variants alternating in one process, {args.alternate} rounds after {args.warmup} warm-up:\n")
+    print(markdown_row(["size", "variant", "latency (ms)", "/ PyTorch FP32", "each run (ms)"]))
+    print(markdown_rule("rlrrl"))
+    for name, runs in times.items():
+        ratio = f"{median[name] / reference:.2f}" if reference else "-"
+        each = " ".join(f"{seconds * 1e3:.0f}" for seconds in runs)
+        print(markdown_row([str(size), LABELS[name], f"{median[name] * 1e3:.0f}", ratio, each]))
+    openvino = {name: median[name] for name in times if name in OPENVINO_VARIANTS}
+    if reference and openvino:
+        best = min(openvino, key=openvino.get)
+        print(f"\n{size} px: best OpenVINO ({LABELS[best]}) / PyTorch FP32 = {openvino[best] / reference:.2f}")
+
+
+def reference_of(variant: str) -> str:
+    """The FP32 PyTorch variant a variant's latency is compared with: ours on the same device."""
+    return "cuda-fp32" if "cuda" in variant else "torch"
+
+
 def print_tables(sizes: list[int], variants: list[str], results: dict, exports: dict) -> None:
     """Markdown tables: speed and memory, exports, shares of time, and the goals' ratios."""
-    print("\n" + markdown_row(["size", "variant", "latency (ms)", "images/s", "peak memory (MiB)"]))
-    print(markdown_rule("rlrrr"))
+    latency = {key: statistics.median(result["times"]) for key, result in results.items()}
+    print("\n" + markdown_row(["size", "variant", "latency (ms)", "/ PyTorch FP32", "images/s", "peak memory (MiB)"]))
+    print(markdown_rule("rlrrrr"))
     for size in sizes:
         for variant in variants:
-            median = statistics.median(results[size, variant]["times"])
-            memory = results[size, variant]["memory"]
-            print(
-                markdown_row([str(size), LABELS[variant], f"{median * 1e3:.0f}", f"{1 / median:.2f}", f"{memory:.0f}"])
-            )
+            median, memory = latency[size, variant], results[size, variant]["memory"]
+            reference = latency.get((size, reference_of(variant)))
+            ratio = f"{median / reference:.2f}" if reference else "-"
+            cells = [str(size), LABELS[variant], f"{median * 1e3:.0f}", ratio, f"{1 / median:.2f}", f"{memory:.0f}"]
+            print(markdown_row(cells))
 
     print("\n" + markdown_row(["size", "export", "export time (s)", "size on disk (MiB)"]))
     print(markdown_rule("rlrr"))
     for size in sizes:
         for name, export in exports[size].items():
-            label = "ONNX" if name == "onnx" else LABELS[name]
-            print(markdown_row([str(size), label, f"{export['seconds']:.0f}", f"{export['mib']:.0f}"]))
+            print(markdown_row([str(size), name, f"{export['seconds']:.0f}", f"{export['mib']:.0f}"]))
 
     names = ["pre-processing", "teacher", "students", "anomaly map", "post-processing", "other"]
     print("\n" + markdown_row(["size", "variant", *names]))
@@ -379,20 +526,20 @@ def print_tables(sizes: list[int], variants: list[str], results: dict, exports: 
         for variant in variants:
             parts = results[size, variant]["parts"]
             if parts:
-                other = max(0.0, 1 - sum(parts.values())) if variant == "torch" else parts.get("other", 0.0)
+                hooked = variant not in OPENVINO_VARIANTS  # PyTorch: the rest of the time is outside the modules
+                other = max(0.0, 1 - sum(parts.values())) if hooked else parts.get("other", 0.0)
                 shares = [*(parts.get(name, 0.0) for name in names[:-1]), other]
                 print(markdown_row([str(size), LABELS[variant], *(f"{100 * s:.1f}%" for s in shares)]))
 
     print()
     for size in sizes:
-        latency = {v: statistics.median(results[size, v]["times"]) for v in variants}
-        ours = latency.get("torch")
-        openvino = {v: t for v, t in latency.items() if v in COMPRESSION}
+        ours = latency.get((size, "torch"))
+        openvino = {v: latency[size, v] for v in variants if v in OPENVINO_VARIANTS}
         if ours and openvino:
             best = min(openvino, key=openvino.get)
             print(f"{size} px: best OpenVINO ({LABELS[best]}) / PyTorch FP32 = {openvino[best] / ours:.2f}")
-        if ours and "l2bt" in latency:
-            print(f"{size} px: ours / L2BT in PyTorch FP32 = {ours / latency['l2bt']:.2f}")
+        if ours and "l2bt" in variants:
+            print(f"{size} px: ours / L2BT in PyTorch FP32 = {ours / latency[size, 'l2bt']:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ The authors' code (alex-costanzino/L2BT, ``utils/loader_VisA.py`` with ``SquareP
 ``utils/general_utils.py``) works on 8-bit PIL images: ``Image.open(...).convert("RGB")``, edge-pad to a square
 (smaller half of the padding first), ``transforms.Resize((S, S), BICUBIC)`` on the PIL image (Pillow's bicubic,
 antialiased when shrinking, rounded and clipped back to 8 bit), ``ToTensor`` (/255) and ImageNet ``Normalize``.
-This package pads and resizes the float image (``square_resize_transform``: anomalib's ``SquarePad``,
-torchvision's antialiased bicubic ``Resize`` on float tensors, no rounding nor clipping) before the same
+This package pads and resizes the float image (``square_resize_transform``: edge padding and
+antialiased bicubic resizing as two matrix products (``model/resize.py``), no rounding nor clipping) after the same
 ``Normalize``. This script feeds both inputs, made from the same demo images (square PNGs cropped to a VisA-like
 3:2 rectangle so that the padding is exercised), to one ``TransformerStudent(pretrained=False)`` and prints how
 much the inputs, the full-resolution anomaly maps and the image scores differ. Not a test: nothing is asserted.

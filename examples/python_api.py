@@ -48,19 +48,16 @@ def main() -> None:
     (metrics,) = engine.test(model, datamodule=datamodule)
     print("test:", ", ".join(f"{name} {value:.3f}" for name, value in metrics.items()))
 
-    # 3. Export to OpenVINO: pre-processing, model and post-processing in one graph.
+    # 3. Export to OpenVINO: pre-processing, model and post-processing in one graph that takes any image size.
     compression = None if args.compression == "none" else CompressionType(args.compression)
-    side = args.image_size
-    exported = engine.export(
-        model, ExportType.OPENVINO, export_root=args.output, input_size=(side, side), compression_type=compression
-    )
+    exported = engine.export(model, ExportType.OPENVINO, export_root=args.output, compression_type=compression)
     print(f"exported: {exported}")
 
-    # 4. Run the exported model on a few test images, resized to its input size.
-    inferencer = OpenVINOInferencer(path=exported, device="CPU")
+    # 4. Run the exported model on a few test images, each at its own size (f32: as PyTorch computes).
+    inferencer = OpenVINOInferencer(path=exported, device="CPU", config={"INFERENCE_PRECISION_HINT": "f32"})
     test_images = sorted((args.root / args.category / "test").rglob("*.png"))
     for path in test_images[:: max(1, len(test_images) // 5)]:
-        image = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+        image = Image.open(path).convert("RGB")
         prediction = inferencer.predict(np.asarray(image, dtype=np.float32) / 255)
         score = float(np.asarray(prediction.pred_score).squeeze())
         label = "ANOMALOUS" if bool(np.asarray(prediction.pred_label).squeeze()) else "good"

@@ -26,7 +26,9 @@ from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.training.data_checks import (
     ClippedImageError,
     CorruptImageError,
+    DataChecks,
     EmptyTrainingSetError,
+    ImageTooLargeError,
     MaskSizeError,
 )
 
@@ -62,13 +64,14 @@ def _datamodule(root: Path, **kwargs: object) -> MVTecAD:
     return MVTecAD(root=root, category="brick", num_workers=0, train_batch_size=4, **{"eval_batch_size": 4, **kwargs})
 
 
-def _engine(tmp_path: Path) -> Engine:
+def _engine(tmp_path: Path, callbacks: list | None = None) -> Engine:
     return Engine(
         max_epochs=1,
         default_root_dir=tmp_path / "results",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=callbacks,
     )
 
 
@@ -171,6 +174,45 @@ def test_skip_corrupt_images_warns_once_listing_every_skipped_file(
         f"{index:03d}.png" for index in range(8) if index != 3
     ]
     assert engine.trainer.global_step == 2  # 7 images, batches of 4
+
+
+def test_a_datachecks_given_to_the_trainer_keeps_its_skip_setting(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lightning replaces a trainer's callback by the module's of the same type: the user's setting must survive."""
+    bad = _break_training_images(root)
+    engine = _engine(tmp_path, callbacks=[DataChecks(skip_corrupt_images=True)])
+    with caplog.at_level(logging.WARNING, logger=CHECKS_LOGGER):
+        engine.fit(TransformerStudent(**MODEL_KWARGS), datamodule=_datamodule(root))
+    warnings = [record.getMessage() for record in caplog.records if "Skipped" in record.getMessage()]
+    assert len(warnings) == 1
+    assert all(str(path) in warnings[0] for path in bad)
+    assert engine.trainer.global_step == 2  # 7 images, batches of 4
+    (checks,) = [callback for callback in engine.trainer.callbacks if isinstance(callback, DataChecks)]
+    assert checks.input_size == 56  # the module's checks, with its geometry, run once
+
+
+def test_an_image_over_pils_pixel_limit_is_not_called_corrupt_nor_skipped(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIL refuses images over twice ``MAX_IMAGE_PIXELS`` (about 179 MP); a low limit stands for a huge image."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # refused above 40,000 px; the others are 112 x 112
+    large = root / "brick" / "train" / "good" / "100_large.png"
+    Image.new("RGB", (250, 250), (120, 80, 40)).save(large)
+    model = TransformerStudent(**MODEL_KWARGS, skip_corrupt_images=True)
+    engine = _engine(tmp_path)
+
+    with pytest.raises(ImageTooLargeError) as error:
+        engine.fit(model, datamodule=_datamodule(root))
+
+    message = str(error.value)
+    assert str(large) in message
+    assert "twice PIL.Image.MAX_IMAGE_PIXELS = 20,000" in message
+    assert "they are not corrupt" in message
+    assert "PIL.Image.MAX_IMAGE_PIXELS = None" in message
+    assert "tile_size" in message
+    assert "cannot be read" not in message
+    assert engine.trainer.global_step == 0
 
 
 def test_grayscale_rgba_16bit_tiny_and_elongated_images_train_and_predict(

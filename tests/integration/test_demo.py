@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -225,3 +226,101 @@ def test_data_config_points_at_the_demo_dataset() -> None:
     assert config["init_args"]["category"] in TEXTURES
     datamodule = MVTecAD(**config["init_args"])
     assert datamodule.num_workers == 0
+
+
+# ------------------------------------------------------------------------------ what the demo deletes and says
+
+
+def _tiny_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        demo, "DATASET_SPEC", DemoDatasetSpec(image_size=32, n_train=1, n_test_good=1, n_test_per_defect=1)
+    )
+
+
+def _precious(tmp_path: Path) -> Path:
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("years of work")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["absolute", "parent", "unknown"])
+def test_a_marker_naming_other_folders_deletes_nothing(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tiny_spec(monkeypatch)
+    precious = _precious(tmp_path)
+    root = tmp_path / "data"
+    demo.prepare_dataset(demo.DemoSettings(data_root=root))
+    named = {"absolute": str(precious), "parent": "../precious", "unknown": "precious"}[name]
+    (root / demo.DATASET_MARKER).write_text(json.dumps({"categories": ["brick", named]}))
+
+    with pytest.raises(demo.DemoSettingsError, match="corrupt or was not written by the demo") as caught:
+        demo.prepare_dataset(demo.DemoSettings(data_root=root, seed=1))
+
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    assert (root / "brick" / "train" / "good" / "000.png").is_file()  # nothing of the demo's was deleted either
+    assert "Choose a new --data-root" in str(caught.value)
+
+
+def test_a_texture_folder_that_is_a_link_is_not_followed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _tiny_spec(monkeypatch)
+    precious = _precious(tmp_path)
+    root = tmp_path / "data"
+    demo.prepare_dataset(demo.DemoSettings(data_root=root))
+    shutil.rmtree(root / "grass")
+    (root / "grass").symlink_to(precious, target_is_directory=True)
+
+    with pytest.raises(demo.DemoSettingsError, match=r"grass in --data-root .*a link"):
+        demo.prepare_dataset(demo.DemoSettings(data_root=root, seed=1))
+
+    assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_texture_folder_the_marker_does_not_list_is_not_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tiny_spec(monkeypatch)
+    root = tmp_path / "data"
+    demo.prepare_dataset(demo.DemoSettings(data_root=root))
+    marker = root / demo.DATASET_MARKER
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "categories": ["brick"]}))
+    mine = root / "grass" / "train" / "good" / "000.png"
+    mine.write_bytes(b"the user's own image")
+
+    with pytest.raises(demo.DemoSettingsError, match="a folder its marker does not list"):
+        demo.prepare_dataset(demo.DemoSettings(data_root=root, seed=1))
+
+    assert mine.read_bytes() == b"the user's own image"
+
+
+@pytest.mark.parametrize("content", ["{not json", '["brick"]', '{"categories": "brick"}', '{"categories": [1]}'])
+def test_a_corrupt_marker_gives_one_clear_message(
+    content: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    (root / "brick").mkdir(parents=True)
+    (root / "brick" / "keep.png").write_bytes(b"pixels")
+    (root / demo.DATASET_MARKER).write_text(content)
+
+    code = cli.main(["demo", "--teacher", SMALL_TEACHER, "--no-pretrained", "--data-root", str(root)])
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "\ntransformer-student demo: error: The demo's marker" in error  # after the random-teacher banner
+    assert "corrupt or was not written by the demo" in error
+    assert "Traceback" not in error
+    assert (root / "brick" / "keep.png").read_bytes() == b"pixels"
+
+
+def test_demo_reports_an_unusable_data_root_as_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Errors other than the demo's own settings errors (here an ``OSError``) end in one message and status 2."""
+    (tmp_path / "a_file").write_text("not a folder")
+    base = ["demo", "--teacher", SMALL_TEACHER, "--no-pretrained", "--output", str(tmp_path / "out")]
+
+    assert cli.main([*base, "--data-root", str(tmp_path / "a_file")]) == 2
+    assert "--data-root" in capsys.readouterr().err
+    assert cli.main([*base, "--data-root", str(tmp_path / "a_file" / "data")]) == 2
+    error = capsys.readouterr().err
+    assert "\ntransformer-student demo: error: [Errno 20] Not a directory" in error
+    assert "Traceback" not in error

@@ -21,10 +21,13 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from safetensors.torch import save_file
 
 from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.model import lightning_model
 from anomalib_transformer_student.training.teacher_checkpoint import (
     TEACHER_KEY,
     TEACHER_PREFIX,
     TeacherNotInCheckpointError,
+    TeacherSource,
+    omit_teacher,
 )
 
 from ..helpers import SMALL_TEACHER
@@ -181,3 +184,62 @@ def test_resume_from_a_teacherless_checkpoint_equals_an_uninterrupted_run(
     expected, actual = _students(reference), _students(resumed)
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=0, atol=0, msg=lambda text, name=name: f"{name}: {text}")
+
+
+def _teacherless(model: TransformerStudent, source: TeacherSource) -> dict:
+    """A checkpoint of ``model`` written without its teacher, as a save before the last epoch writes it."""
+    checkpoint = {"state_dict": dict(model.state_dict())}
+    omit_teacher(checkpoint, source)
+    return checkpoint
+
+
+def test_weights_that_fail_the_digest_never_reach_the_live_teacher(
+    tmp_path: Path, teacher_state: dict[str, torch.Tensor]
+) -> None:
+    weights = _weights_file(tmp_path / "teacher.safetensors", teacher_state)
+    model = _model(weights, tmp_path)
+    model.load_teacher_weights()
+    checkpoint = _teacherless(model, TeacherSource(SMALL_TEACHER, str(weights)))
+    _weights_file(weights, {key: value + 1 for key, value in teacher_state.items()})  # other weights, same place
+    before = _teacher(model)
+
+    with pytest.raises(TeacherNotInCheckpointError, match="differ"):
+        model.on_load_checkpoint(checkpoint)
+
+    for key, value in _teacher(model).items():
+        assert torch.equal(value, before[key]), key  # the model keeps its own weights
+
+
+def test_verified_weights_reach_the_teacher_only_through_the_state_dict(
+    tmp_path: Path, teacher_state: dict[str, torch.Tensor]
+) -> None:
+    weights = _weights_file(tmp_path / "teacher.safetensors", teacher_state)
+    model = _model(weights, tmp_path)
+    model.load_teacher_weights()
+    expected = _teacher(model)
+    checkpoint = _teacherless(model, TeacherSource(SMALL_TEACHER, str(weights)))
+    for parameter in model.model.teacher.backbone.parameters():
+        parameter.data.zero_()
+
+    model.on_load_checkpoint(checkpoint)
+
+    assert all(not value.any() for value in _teacher(model).values())  # untouched until the strict load
+    for key, value in expected.items():
+        assert torch.equal(checkpoint["state_dict"][TEACHER_PREFIX + key], value), key
+    model.load_state_dict(checkpoint["state_dict"])
+    for key, value in _teacher(model).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_a_checkpoint_naming_another_teacher_makes_the_model_fetch_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never_fetch(name: str, weights: str | None) -> dict[str, torch.Tensor]:
+        raise AssertionError(f"fetched or built '{name}' for a foreign checkpoint")
+
+    model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=True, image_size=56, layers=(0, 1))
+    checkpoint = _teacherless(model, TeacherSource("vit_giant_patch14_reg4_dinov2.lvd142m", None))
+    monkeypatch.setattr(lightning_model, "teacher_state_dict", never_fetch)
+
+    with pytest.raises(TeacherNotInCheckpointError, match=f"not this model's teacher '{SMALL_TEACHER}'"):
+        model.on_load_checkpoint(checkpoint)

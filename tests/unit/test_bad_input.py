@@ -47,7 +47,7 @@ def test_unknown_teacher_says_how_to_list_names() -> None:
 
 
 def test_non_vit_teacher_is_refused() -> None:
-    with pytest.raises(ValueError, match="not a Vision Transformer"):
+    with pytest.raises(ValueError, match="not as a Vision Transformer"):
         TransformerStudent(teacher="resnet18", pretrained=False)
 
 

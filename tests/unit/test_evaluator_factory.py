@@ -107,6 +107,7 @@ def test_evaluate_loads_checkpoints_with_the_factory_evaluator(
     monkeypatch.setattr(TransformerStudent, "load_from_checkpoint", load_from_checkpoint)
     checkpoint = tmp_path / "brick.ckpt"
     checkpoint.touch()
+    (tmp_path / "brick").mkdir()  # evaluate checks the category's folder before it loads anything
     with pytest.raises(_Loaded):
         main(["evaluate", "--data-root", str(tmp_path), "--ckpt", f"brick={checkpoint}", *options])
     ((path, overrides),) = calls

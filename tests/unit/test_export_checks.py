@@ -1,4 +1,4 @@
-"""Export refuses what it cannot do before any work: no input size, an input the teacher cannot take, INT8_ACQ."""
+"""Export refuses what it cannot do before any work: a size it needs but lacks, an input the teacher cannot take."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ def _model(**overrides) -> TransformerStudent:
 @pytest.mark.parametrize(
     ("overrides", "input_size", "match"),
     [
-        ({}, None, r"fixed input size: pass input_size=\(height, width\)"),
+        ({"tile_size": 112}, None, r"tiled .* exports for one image size.*pass input_size=\(height, width\)"),
+        ({"pre_processor": False}, None, r"does not resize.*pass input_size=\(56, 56\)"),
         ({}, (0, 40), r"two positive sides \(height, width\), got \[0, 40\]"),
         ({}, (56,), r"two positive sides"),
         ({"pre_processor": False}, (100, 100), r"reaches the teacher as \[100, 100\], but the teacher takes 56 x 56"),
     ],
-    ids=["missing", "zero-side", "one-side", "no-resize"],
+    ids=["tiled-without-size", "no-resize-without-size", "zero-side", "one-side", "no-resize"],
 )
 def test_bad_input_size_fails_before_any_file_is_written(
     overrides: dict, input_size: tuple | None, match: str, tmp_path: Path
@@ -39,7 +40,7 @@ def test_any_input_size_reaches_the_teacher_through_the_default_pre_processor(tm
     from anomalib_transformer_student.deploy.export import check_input_size
 
     model = _model()
-    for size in [(2048, 2448), (101, 57), (13, 13)]:
+    for size in [(2048, 2448), (101, 57), (13, 13), None]:  # None: a graph for any height and width
         check_input_size(size, model.pre_processor, model.model.teacher.image_size)
 
 

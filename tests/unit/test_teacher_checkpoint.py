@@ -114,3 +114,62 @@ def test_the_digest_is_computed_once_per_unchanged_teacher(monkeypatch: pytest.M
 
 def _prefixed(teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"model.teacher.backbone.{key}": value for key, value in teacher.items()}
+
+
+def _never(source: TeacherSource) -> dict[str, torch.Tensor]:
+    raise AssertionError(f"nothing may be fetched or built for {source}")
+
+
+@pytest.mark.parametrize("recorded", ["vit_giant_patch14_dinov2.lvd142m", "vit_small_patch16_224.augreg_in21k"])
+def test_a_recorded_teacher_other_than_the_models_is_refused_before_any_fetch(recorded: str) -> None:
+    checkpoint, _ = _checkpoint()
+    omit_teacher(checkpoint, TeacherSource(recorded, None))
+
+    with pytest.raises(TeacherNotInCheckpointError, match="not this model's teacher") as caught:
+        restore_teacher(checkpoint, _never, teacher=TEACHER)
+    assert recorded in str(caught.value)
+    assert "nothing was fetched" in str(caught.value)
+
+
+def test_the_same_teacher_is_fetched_under_the_models_name() -> None:
+    checkpoint, teacher = _checkpoint()
+    omit_teacher(checkpoint, TeacherSource("vit_small_patch14_dinov2", None))  # timm's default tag: lvd142m
+    asked: list[TeacherSource] = []
+    restore_teacher(checkpoint, lambda source: asked.append(source) or teacher, teacher=TEACHER)
+    assert asked == [TeacherSource(TEACHER, None)]
+    assert TEACHER_KEY not in checkpoint
+
+
+def test_another_pretrained_tag_is_refused_unless_the_weights_come_from_a_file() -> None:
+    other_tag = "vit_base_patch16_224.orig_in21k"
+    assert not teacher_checkpoint.same_teacher(other_tag, "vit_base_patch16_224", weights_file=False)
+    assert teacher_checkpoint.same_teacher(other_tag, "vit_base_patch16_224", weights_file=True)
+    checkpoint, teacher = _checkpoint()
+    omit_teacher(checkpoint, TeacherSource("vit_small_patch14_dinov2.other", "/weights.safetensors"))
+    restore_teacher(checkpoint, lambda source: teacher, teacher=TEACHER)
+    assert TEACHER_KEY not in checkpoint
+
+
+@pytest.mark.parametrize(
+    ("breaker", "problem"),
+    [
+        (lambda record: "omitted", "it is a str, not a mapping"),
+        (lambda record: {key: value for key, value in record.items() if key != "teacher"}, "lacks ['teacher']"),
+        (lambda record: {key: value for key, value in record.items() if key != "weights"}, "lacks ['weights']"),
+        (lambda record: {**record, "keys": "model.teacher.backbone.w"}, "['keys'] have the wrong type"),
+        (lambda record: {**record, "weights": 3}, "['weights'] have the wrong type"),
+        (lambda record: {**record, "keys": ["model.forward_student.0.weight"]}, "not all teacher tensors"),
+        (lambda record: {**record, "digest": "0" * 10}, "not a SHA-256"),
+        (lambda record: {**record, "teacher": ""}, "is empty"),
+    ],
+    ids=["not-a-mapping", "no-teacher", "no-weights", "keys-type", "weights-type", "foreign-keys", "digest", "empty"],
+)
+def test_a_malformed_record_raises_a_clear_error_not_a_key_error(breaker, problem: str) -> None:
+    checkpoint, _ = _checkpoint()
+    omit_teacher(checkpoint, TeacherSource(TEACHER, None))
+    checkpoint[TEACHER_KEY] = breaker(checkpoint[TEACHER_KEY])
+
+    with pytest.raises(TeacherNotInCheckpointError, match="is malformed") as caught:
+        restore_teacher(checkpoint, _never, teacher=TEACHER)
+    assert problem in str(caught.value)
+    assert "holds the teacher" in str(caught.value)

@@ -1,4 +1,8 @@
-"""Teachers from anywhere: several timm ViTs, local weight files in timm's and DINOv2's layouts, clear failures."""
+"""Teachers from anywhere: several timm ViTs, local weight files in timm's and DINOv2's layouts, clear failures.
+
+Rotary-embedding ViTs (DINOv3, EVA02) train at any multiple of their patch; DINOv3 files in the official layout
+are tested in ``test_dinov3_teacher.py``.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ IMAGE_SIZE = 112
 @pytest.mark.parametrize(
     ("name", "width", "patch", "prefix"),
     [("vit_small_patch14_reg4_dinov2", 384, 14, 5), ("vit_small_patch8_224.dino", 384, 8, 1),
-     ("vit_tiny_patch16_224", 192, 16, 1)],
+     ("vit_tiny_patch16_224", 192, 16, 1), ("vit_small_patch16_dinov3", 384, 16, 5),
+     ("eva02_tiny_patch14_224.mim_in22k", 192, 14, 1)],
 )  # fmt: skip
 def test_any_timm_vit_trains_one_step(name: str, width: int, patch: int, prefix: int) -> None:
     torch.manual_seed(0)
@@ -185,3 +190,19 @@ def test_hanging_network_is_abandoned_after_the_timeout(monkeypatch: pytest.Monk
     start = time.monotonic()
     assert hub_reachable(timeout=0.5) is False
     assert time.monotonic() - start < 2
+
+
+def test_gated_repository_names_the_license_and_the_login(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DINOv3 weights are under Meta's license: a Hub that refuses them as gated must say how to get access."""
+    gated = type("GatedRepoError", (RuntimeError,), {})  # huggingface_hub's class, by name, without a response
+
+    def refuse(*args, **kwargs):
+        raise gated("401 Client Error. Cannot access gated repo for url https://huggingface.co/timm/x.")
+
+    monkeypatch.setattr(weights_module, "is_cached", lambda name: True)
+    monkeypatch.setattr(weights_module.timm, "create_model", refuse)
+    with pytest.raises(TeacherWeightsUnavailableError) as error:
+        fetch_pretrained_state_dict("vit_small_patch16_dinov3.lvd1689m")
+    message = str(error.value)
+    assert "accept its license on the model's Hugging Face page" in message
+    assert "HF_TOKEN" in message

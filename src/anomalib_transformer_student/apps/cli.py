@@ -4,6 +4,10 @@ A sub-command is a module with two functions, ``add_arguments(parser)`` and
 ``run(args) -> int`` (the exit code), registered by one line in :data:`COMMANDS`. Only the
 chosen sub-command's module is imported, so that one job's imports never slow down another.
 
+A user's error (a bad option, a missing file or folder, unusable data, a checkpoint that cannot be
+loaded: see :func:`is_user_error`) ends the command with its message, not a traceback, and exit status 2,
+as argparse ends a usage error. Anything else is a defect and keeps its traceback.
+
 Example:
     From a shell (``python -m anomalib_transformer_student.apps.cli`` works as well)::
 
@@ -33,6 +37,11 @@ class Command:
     module: str
 
 
+PROG = "transformer-student"
+# The package's own errors say what is wrong and what to do (each is raised on purpose for the user).
+PACKAGE = __name__.split(".")[0]
+USER_ERROR_STATUS = 2
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "demo",
@@ -44,13 +53,18 @@ COMMANDS: tuple[Command, ...] = (
         "Test trained checkpoints the paper's way: AUPRO by defect size (CSV, Markdown, PNG).",
         "anomalib_transformer_student.apps.evaluate",
     ),
+    Command(
+        "predict-mvtecad2",
+        "Write full-size anomaly maps (TIFF) and masks (PNG) for MVTec AD 2's private test sets.",
+        "anomalib_transformer_student.apps.mvtecad2_predictions",
+    ),
 )
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """Build the parser: every sub-command listed, the options of ``selected`` (if any) added."""
     parser = argparse.ArgumentParser(
-        prog="transformer-student",
+        prog=PROG,
         description="Learning to Be a Transformer to Pinpoint Anomalies: jobs around the TransformerStudent "
         "anomalib model.",
     )
@@ -64,13 +78,35 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's to mend: an error of this package, a ``ValueError`` or an ``OSError``.
+
+    Example:
+        >>> is_user_error(FileNotFoundError("Checkpoint not found")), is_user_error(KeyError("model"))
+        (True, False)
+    """
+    if isinstance(error, ValueError | OSError):
+        return True
+    return any(cls.__module__.split(".")[0] == PACKAGE for cls in type(error).__mro__)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), run the chosen sub-command, return its exit code."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), run the chosen sub-command, return its exit code.
+
+    A user's error (see :func:`is_user_error`) prints ``transformer-student COMMAND: error: MESSAGE`` to
+    standard error and returns 2; other exceptions propagate with their traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     names = {command.name for command in COMMANDS}
     selected = next((argument for argument in argv if argument in names), None)
     args = build_parser(selected).parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr, flush=True)
+        return USER_ERROR_STATUS
 
 
 if __name__ == "__main__":

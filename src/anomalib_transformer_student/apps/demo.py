@@ -192,20 +192,27 @@ def prepare_dataset(settings: DemoSettings) -> Path:
     without the marker that is not empty is refused, so the demo never overwrites data it did
     not write.
 
+    Before writing the dataset again (another seed or size), the demo deletes only its own texture
+    folders: those its marker lists, real folders inside ``data_root``.
+
     Raises:
-        DemoSettingsError: If ``data_root`` holds files the demo did not write.
+        DemoSettingsError: If ``data_root`` is a file, holds files the demo did not write, or its marker is
+            corrupt or not the demo's.
     """
     spec = replace(DATASET_SPEC, categories=tuple(TEXTURES), seed=settings.seed)
     root = settings.data_root
     marker = root / DATASET_MARKER
     wanted = {**asdict(spec), "categories": list(spec.categories)}
+    if root.exists() and not root.is_dir():
+        msg = f"--data-root {root} is a file; choose a folder (the demo writes its dataset there)."
+        raise DemoSettingsError(msg)
     if marker.is_file():
-        written = json.loads(marker.read_text())
+        written = _read_marker(marker)
         if written == wanted:
             print(f"Reusing the demo dataset in {root}.", flush=True)
             return root
-        for category in written.get("categories", []):
-            shutil.rmtree(root / category, ignore_errors=True)
+        for folder in _own_folders(root, written["categories"]):
+            shutil.rmtree(folder)
     elif root.exists() and any(root.iterdir()):
         msg = (
             f"--data-root {root} exists and holds files the demo did not write; "
@@ -216,6 +223,54 @@ def prepare_dataset(settings: DemoSettings) -> Path:
     generate_demo_dataset(root, spec)
     marker.write_text(json.dumps(wanted, indent=2) + "\n")
     return root
+
+
+def _read_marker(marker: Path) -> dict:
+    """The demo's record of what it wrote (see :func:`prepare_dataset`), checked to be the demo's.
+
+    Raises:
+        DemoSettingsError: If the marker is unreadable, not JSON, or lists categories that are not the demo's
+            textures (the demo deletes the folders it lists before writing the dataset again).
+    """
+    try:
+        written = json.loads(marker.read_text())
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        written = f"{type(error).__name__}: {error}"
+    categories = written.get("categories") if isinstance(written, dict) else written
+    valid = isinstance(categories, list) and all(isinstance(name, str) and name in TEXTURES for name in categories)
+    if not isinstance(written, dict) or not valid:
+        msg = (
+            f"The demo's marker {marker} is corrupt or was not written by the demo (it must list categories among "
+            f"{sorted(TEXTURES)}; found {categories!r}), so the demo deletes nothing it names. Choose a new "
+            f"--data-root, or empty {marker.parent} yourself if nothing in it is needed."
+        )
+        raise DemoSettingsError(msg)
+    return written
+
+
+def _own_folders(root: Path, categories: Sequence[str]) -> list[Path]:
+    """The texture folders in ``root`` that the demo is about to write again, each checked to be its own.
+
+    Each must be listed in the marker (``categories``) and be a real folder inside ``root``.
+
+    Raises:
+        DemoSettingsError: If one is a link or is not listed in the marker, naming it.
+    """
+    inside = root.resolve()
+    folders = [root / name for name in TEXTURES if (root / name).exists() or (root / name).is_symlink()]
+    foreign = [
+        str(folder)
+        for folder in folders
+        if folder.name not in categories or folder.is_symlink() or not folder.resolve().is_relative_to(inside)
+    ]
+    if foreign:
+        msg = (
+            f"{', '.join(foreign)} in --data-root {root}: not written by the demo (a link, or a folder its marker "
+            "does not list), so the demo will not delete it to write its dataset again. Choose a new --data-root, "
+            "or move it away yourself."
+        )
+        raise DemoSettingsError(msg)
+    return folders
 
 
 def build_model(settings: DemoSettings, choice: TeacherChoice) -> TransformerStudent:
@@ -455,7 +510,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo from parsed arguments; return the process exit code."""
+    """Run the demo from parsed arguments; return the process exit code.
+
+    Errors reach :func:`~anomalib_transformer_student.apps.cli.main`, which prints a user's error (a bad
+    setting, a foreign ``--data-root``, unreadable data, an unwritable ``--output``) as one message and
+    exits with status 2.
+    """
     settings = DemoSettings(
         categories=tuple(args.categories),
         image_size=args.image_size,
@@ -468,9 +528,5 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         save_checkpoints=args.save_checkpoints,
     )
-    try:
-        run_demo(settings)
-    except DemoSettingsError as error:
-        print(f"transformer-student demo: error: {error}", file=sys.stderr)
-        return 2
+    run_demo(settings)  # a user's error (a bad setting, a foreign data root, bad data) ends in the CLI's handler
     return 0

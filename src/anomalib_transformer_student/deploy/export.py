@@ -60,27 +60,41 @@ REFUSED_COMPRESSION = {
 RECOMMENDED_CALIBRATION_IMAGES = 300
 
 
-def check_input_size(input_size: Sequence[int] | None, pre_processor: nn.Module | None, teacher_side: int) -> None:
+def check_input_size(
+    input_size: Sequence[int] | None, pre_processor: nn.Module | None, teacher_side: int, tiled: bool = False
+) -> None:
     """Raise a ``ValueError`` unless pre-processing turns ``input_size`` into the teacher's input size.
 
-    With the default pre-processor (square padding and resizing in the graph) any size works; without
-    resizing, the input must already be ``teacher_side`` square.
+    Without ``input_size`` the graph takes any height and width; that needs a pre-processor that
+    resizes (the default one pads and resizes any size) and no tiling (the tile count follows the
+    image's size, so a tiled model exports for one size). With ``input_size`` and the default
+    pre-processor any size works; without resizing, the input must already be ``teacher_side`` square.
 
     Raises:
-        ValueError: If ``input_size`` is missing, not two positive sides, or pre-processed to another size
-            than the teacher takes; the message names the size that works.
+        ValueError: If ``input_size`` is not two positive sides, or pre-processed to another size than
+            the teacher takes, or missing where a fixed size is needed; the message names the size that works.
     """
     if input_size is None:
-        msg = (
-            "TransformerStudent exports with a fixed input size: pass input_size=(height, width) "
-            '(CLI: --input_size "[2048,2448]"), the size of the images the deployed model receives.'
-        )
-        raise ValueError(msg)
+        if tiled:
+            msg = (
+                "A tiled TransformerStudent (tile_size set) exports for one image size, since the number of tiles "
+                'follows it: pass input_size=(height, width) (CLI: --input_size "[2048,2448]"), the size of the '
+                "images the deployed model receives."
+            )
+            raise ValueError(msg)
+        if not _resizes(pre_processor, teacher_side):
+            msg = (
+                f"This pre-processor does not resize images to the teacher's {teacher_side} x {teacher_side}, so the "
+                f"exported model takes one size only: pass input_size=({teacher_side}, {teacher_side}) "
+                f'(CLI: --input_size "[{teacher_side},{teacher_side}]"), or use the default pre-processor, which pads '
+                "and resizes any size."
+            )
+            raise ValueError(msg)
+        return
     if len(input_size) != 2 or any(int(side) < 1 for side in input_size):
         msg = f"input_size must be two positive sides (height, width), got {list(input_size)}."
         raise ValueError(msg)
-    sample = torch.zeros(1, 3, *(int(side) for side in input_size))
-    pre_processed = tuple(pre_processor(sample).shape[-2:]) if pre_processor else tuple(sample.shape[-2:])
+    pre_processed = _pre_processed_size(pre_processor, tuple(int(side) for side in input_size))
     if pre_processed != (teacher_side, teacher_side):
         msg = (
             f"input_size {list(input_size)} reaches the teacher as {list(pre_processed)}, but the teacher takes "
@@ -88,6 +102,17 @@ def check_input_size(input_size: Sequence[int] | None, pre_processor: nn.Module 
             "pre-processor that resizes (the default one pads and resizes any size)."
         )
         raise ValueError(msg)
+
+
+def _pre_processed_size(pre_processor: nn.Module | None, size: tuple[int, int]) -> tuple[int, int]:
+    sample = torch.zeros(1, 3, *size)
+    return tuple(pre_processor(sample).shape[-2:]) if pre_processor else size
+
+
+def _resizes(pre_processor: nn.Module | None, teacher_side: int) -> bool:
+    """Whether the pre-processor brings images of different sizes to the teacher's square input."""
+    sizes = ((teacher_side + 3, teacher_side + 3), (teacher_side // 2 + 1, teacher_side + 5))
+    return all(_pre_processed_size(pre_processor, size) == (teacher_side, teacher_side) for size in sizes)
 
 
 def check_compression(compression_type: CompressionType | str | None) -> None:
@@ -159,13 +184,14 @@ def non_teacher_nodes(onnx_path: str | Path) -> frozenset[str]:
     return frozenset(set(scopes) - teacher)
 
 
-def calibration_images(batch: Batch, size: tuple[int, int]) -> torch.Tensor:
+def calibration_images(batch: Batch, size: tuple[int, int] | None) -> torch.Tensor:
     """A datamodule batch as the exported model receives it: images resized to its input ``size``.
 
-    This model's datamodules keep images at their original size (its pre-processing resizes).
+    This model's datamodules keep images at their original size (its pre-processing resizes); a graph
+    without a fixed size (``size`` ``None``) takes them as they are.
     """
     images = batch.image
-    if tuple(images.shape[-2:]) != size:
+    if size is not None and tuple(images.shape[-2:]) != size:
         images = functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
     return images
 
@@ -220,7 +246,7 @@ class TransformerStudentExportMixin:
         Raises:
             ValueError: If ``input_size`` is missing or does not reach the teacher at its input size.
         """
-        check_input_size(input_size, self.pre_processor, self.model.teacher.image_size)
+        check_input_size(input_size, self.pre_processor, self.model.teacher.image_size, self.tiling is not None)
         self._prepare_export()
         kwargs.setdefault("opset_version", ONNX_OPSET)
         onnx_path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)  # type: ignore[misc]
@@ -243,7 +269,7 @@ class TransformerStudentExportMixin:
                 compression is ``INT8_ACQ``, or ``INT8_PTQ`` lacks a datamodule or a validated model.
         """
         check_compression(compression_type)
-        check_input_size(input_size, self.pre_processor, self.model.teacher.image_size)
+        check_input_size(input_size, self.pre_processor, self.model.teacher.image_size, self.tiling is not None)
         check_calibration(compression_type, datamodule, self.post_processor)
         return super().to_openvino(  # type: ignore[misc]
             export_root, model_file_name, input_size, compression_type, datamodule, **kwargs
@@ -272,7 +298,7 @@ class TransformerStudentExportMixin:
         check_calibration(CompressionType.INT8_PTQ, datamodule, self.post_processor)
         datamodule.setup("fit")
         shape = model.input(0).get_partial_shape()
-        size = (shape[2].get_length(), shape[3].get_length())
+        size = (shape[2].get_length(), shape[3].get_length()) if shape[2].is_static and shape[3].is_static else None
         dataloader = datamodule.val_dataloader()
         if len(dataloader.dataset) < RECOMMENDED_CALIBRATION_IMAGES:
             logger.warning(

@@ -4,7 +4,7 @@ The demo, ``transformer-student evaluate`` and ``configs/size_aupro.yaml`` all t
 with its own options, so that the metric set of each is defined here and nowhere else.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from anomalib.metrics import AUPRO, AUROC, AnomalibMetric, Evaluator, F1Score
 
@@ -33,6 +33,8 @@ class SizeEvaluator(Evaluator):
         strict: Raise when a batch lacks a pixel field (``True``) or skip the pixel metrics for it (``False``,
             as anomalib's default evaluator does).
         compute_on_cpu: Passed to :class:`anomalib.metrics.Evaluator`.
+        extra_metrics: Test metrics appended after these, e.g. MVTec AD 2's AU-PRO at FPR 0.05
+            (:class:`~anomalib_transformer_student.metrics.binned_aupro.BinnedAUPRO`).
 
     Example:
         >>> from anomalib_transformer_student.metrics import SizeEvaluator
@@ -58,8 +60,10 @@ class SizeEvaluator(Evaluator):
         include_f1: bool = False,
         strict: bool = True,
         compute_on_cpu: bool = True,
+        extra_metrics: Sequence[AnomalibMetric] = (),
     ) -> None:
         metrics = _test_metrics(DEFAULT_SUMMARIES if summaries is None else summaries, curve, include_f1, strict)
+        metrics += list(extra_metrics)
         super().__init__(test_metrics=metrics, compute_on_cpu=compute_on_cpu)
 
     def size_aupro(self) -> SizeAUPRO | None:

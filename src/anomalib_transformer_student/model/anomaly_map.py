@@ -1,15 +1,19 @@
 """From teacher/student discrepancy to an anomaly map and an image score.
 
-Pure tensor maths with static shapes, so that it exports to ONNX/OpenVINO unchanged.
+Pure tensor maths whose shapes follow the input's, so that it exports to ONNX/OpenVINO at a fixed or any size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 from torch import nn
 from torch.nn import functional
+
+# Largest denominator of ``topk_ratio`` as a fraction in an exported graph; keeps its integers within int64.
+RATIO_DENOMINATOR_LIMIT = 10**6
 
 
 def patch_discrepancy(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -89,10 +93,28 @@ def top_k_mean(anomaly_map: torch.Tensor, ratio: float) -> torch.Tensor:
         Scores of shape ``(B,)``.
     """
     height, width = anomaly_map.shape[-2:]
-    # In this order, as the reference: in floating point 0.35 * 10 * 18 gives 63, 10 * 18 * 0.35 gives 62.
-    k = max(1, int(height * width * ratio))
     # The mean does not depend on order; unsorted selection is about twice as fast.
-    return torch.topk(anomaly_map.flatten(1), k=k, dim=1, sorted=False).values.mean(dim=1)
+    return torch.topk(anomaly_map.flatten(1), k=top_k_count(height, width, ratio), dim=1, sorted=False).values.mean(1)
+
+
+def top_k_count(height: int, width: int, ratio: float) -> int:
+    """How many of a ``height`` x ``width`` map's pixels make its score: ``max(1, int(height * width * ratio))``.
+
+    In this order, as the reference: in floating point 0.35 * 10 * 18 gives 63, 10 * 18 * 0.35 gives 62.
+    With symbolic sizes (an export without a fixed input size) the count is computed in integers,
+    ``height * width * p // q`` with ``ratio`` as the fraction ``p / q`` of its decimal form, so that the
+    graph computes it from the input's shape: the same count as the float product for the default
+    0.001 (and 0.01, 0.005, 0.002, 0.1, 0.25, ...) at every size, one more for ratios whose float lies
+    below their decimal (0.35) at some sizes.
+
+    Example:
+        >>> top_k_count(1036, 1036, 0.001), top_k_count(10, 10, 0.001)
+        (1073, 1)
+    """
+    if isinstance(height, int) and isinstance(width, int):
+        return max(1, int(height * width * ratio))
+    fraction = Fraction(repr(ratio)).limit_denominator(RATIO_DENOMINATOR_LIMIT)
+    return torch.sym_max(1, height * width * fraction.numerator // fraction.denominator)
 
 
 class AnomalyMapGenerator(nn.Module):

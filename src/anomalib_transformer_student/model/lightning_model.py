@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from copy import deepcopy
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,7 +48,7 @@ from .pre_processing import (
     tiles_per_image,
     training_input,
 )
-from .teacher import DEFAULT_LAYERS, DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
+from .teacher import DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
 from .tiling import Tiling
 from .torch_model import TransformerStudentModel
 
@@ -95,9 +96,12 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             the Hugging Face Hub or its local cache (``HF_HUB_OFFLINE=1`` works once cached), or
             the path of a local file in timm's layout (``.safetensors``, ``.pth``, ``.bin``) or
             in the official DINOv2 torch.hub layout (e.g. ``dinov2_vitb14_reg4_pretrain.pth``).
-        layers: Two block indices ``(shallow, deep)``; negative indices count from the end.
+        layers: Two block indices ``(shallow, deep)``; negative indices count from the end. ``None``
+            (default) takes the paper's choice carried to the teacher's depth: the block at two thirds
+            of the depth and the last block, (7, 11) for 12 blocks, (15, 23) for 24
+            (:func:`~anomalib_transformer_student.model.teacher.default_layers`).
         image_size: Side of the square model input in pixels; a multiple of the teacher's patch
-            size (14 for DINOv2), else construction fails naming the nearest valid sizes.
+            size (14 for DINOv2, 16 for DINOv3), else construction fails naming the nearest valid sizes.
         lr: Adam learning rate of the students (the reference code uses 1e-4; the paper's text
             mentions 1e-3).
         blur_kernel_sizes: Odd box-filter sizes of the map smoothing stages.
@@ -134,8 +138,11 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             cropped away), with ``gt_mask`` left at full resolution, as the paper evaluates.
             Applies to the default pre-processor; with a custom one, maps come at the size it
             gives, in evaluation and in exported models alike.
-        teacher_precision: ``"float32"`` (default), or ``"float16"``/``"bfloat16"`` to run the
-            teacher under autocast on CUDA; other devices always run float32.
+        teacher_precision: ``"float32"`` (default, faithful to the reference), or
+            ``"float16"``/``"bfloat16"`` to run the teacher under autocast (training's teacher pass,
+            validation, test, predict): on CUDA both; on CPUs ``"bfloat16"`` where the CPU has bf16
+            units (AVX512_BF16 or AMX on x86, BF16 on Arm), else float32 with one warning. Exported
+            graphs hold the float32 teacher; their runtime chooses the precision.
         tile_size: Inspect large images tile by tile: the side of a tile in pixels of the original
             image, each tile resized to ``image_size`` for the teacher (``tile_size == image_size``
             is native resolution; larger tiles trade resolution for speed). A multiple of the
@@ -174,7 +181,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         teacher: str = DEFAULT_TEACHER,
         pretrained: bool = True,
         teacher_weights: str | None = None,
-        layers: Sequence[int] = DEFAULT_LAYERS,
+        layers: Sequence[int] | None = None,
         image_size: int = DEFAULT_IMAGE_SIZE,
         lr: float = 1e-4,
         blur_kernel_sizes: Sequence[int] = (5, 7),
@@ -296,11 +303,17 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         )
 
     def configure_callbacks(self) -> list[Callback]:
-        """Anomalib's component callbacks, plus DataChecks of every image and mask before a stage starts."""
+        """Anomalib's component callbacks, plus DataChecks of every image and mask before a stage starts.
+
+        Lightning replaces a trainer's ``DataChecks`` by the module's, so the module's adopts its
+        ``skip_corrupt_images``: corrupt images are skipped when either asks for it.
+        """
         teacher = self.model.teacher
-        checks = DataChecks(
-            self.skip_corrupt_images, input_size=teacher.image_size, patch_size=teacher.patch_size, tiling=self.tiling
+        trainer_callbacks = self._trainer.callbacks if self._trainer is not None else []
+        skip = self.skip_corrupt_images or any(
+            isinstance(callback, DataChecks) and callback.skip_corrupt_images for callback in trainer_callbacks
         )
+        checks = DataChecks(skip, input_size=teacher.image_size, patch_size=teacher.patch_size, tiling=self.tiling)
         return [*super().configure_callbacks(), checks]
 
     @property
@@ -332,16 +345,20 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         """
         check_checkpoint_compatible(checkpoint, self.architecture, self.model.teacher.depth)
         use_current_evaluator(checkpoint, self.evaluator)
-        restore_teacher(checkpoint, self._reload_teacher, self.teacher_weights)
+        restore_teacher(checkpoint, self._reload_teacher, self.teacher_weights, teacher=self.teacher_name)
         super().on_load_checkpoint(checkpoint)
         if "rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             restore_rng_state(checkpoint["rng_state"])
 
     def _reload_teacher(self, source: TeacherSource) -> dict[str, torch.Tensor]:
-        """Load the teacher's weights from ``source`` (a checkpoint left them out); return its backbone's state."""
-        teacher = self.model.teacher
-        teacher.load_backbone_state_dict(teacher_state_dict(source.teacher, source.weights))
-        return teacher.backbone.state_dict()
+        """The backbone's state with the weights of ``source`` (a checkpoint left them out), adapted as loading does.
+
+        They go into a copy of the teacher: the live one gets them only through the checkpoint's state dict,
+        after ``restore_teacher`` has verified their digest, so on a mismatch the model keeps its own weights.
+        """
+        scratch = deepcopy(self.model.teacher)
+        scratch.load_backbone_state_dict(teacher_state_dict(source.teacher, source.weights))
+        return scratch.backbone.state_dict()
 
     def load_teacher_weights(self) -> None:
         """Fetch and load the teacher's pretrained weights unless the teacher already holds them.

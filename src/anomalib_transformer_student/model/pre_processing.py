@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib.data.transforms import SquarePad
 from anomalib.pre_processing import PreProcessor
+from anomalib.pre_processing.utils.spec import transform_to_spec
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize, Transform
 
+from .resize import SquareResize
 from .tiling import TileLayout, Tiling
 
 if TYPE_CHECKING:
@@ -39,13 +41,23 @@ if TYPE_CHECKING:
 
 
 def square_resize_transform(image_size: int) -> Transform:
-    """Edge-pad to a square, bicubic resize to ``image_size``, ImageNet normalisation.
+    """Edge-pad to a square, antialiased bicubic resize to ``image_size``, ImageNet normalisation.
 
-    The pad and resize are nested in an inner ``Compose`` on purpose: anomalib's datamodules
-    copy a *top-level* ``Resize`` of the model's transform into the dataset (resizing images
-    and masks before collation, and before the square padding, which distorts non-square
-    images). Nested, the resize happens on the batch, after padding, and the dataset keeps
-    each image and mask at its original size.
+    The pad and resize are one :class:`~.resize.SquareResize`: two matrix products that every
+    runtime computes alike, so validation and the exported graph see the same pixels. It is no
+    torchvision ``Resize``, so anomalib's datamodules (which copy a top-level ``Resize`` of the
+    model's transform into the dataset) keep each image and mask at its original size. The
+    normalisation comes first: padding and resizing (weights that sum to one) commute with it, and
+    OpenVINO's CPU plugin fails to compile a fixed-size graph that normalises a matrix product's output.
+    """
+    return Compose([Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD), SquareResize(image_size)])
+
+
+def legacy_square_resize_transform(image_size: int) -> Transform:
+    """The transform of checkpoints written before :class:`~.resize.SquareResize`: ``SquarePad``, then ``Resize``.
+
+    Its antialiased bicubic resize computes the same pixels as ``SquareResize`` (to float rounding),
+    but anomalib's export turns its antialiasing off; such checkpoints load with ``SquareResize``.
     """
     return Compose(
         [
@@ -126,6 +138,19 @@ class OriginalSizePreProcessor(PreProcessor):
         """The teacher's input for raw images, as an exported model computes it (tiles when tiling)."""
         return self.teacher_input(batch, export=True)[0]
 
+    def load_checkpoint_config(self, config: dict[str, Any]) -> None:
+        """Restore the transform a checkpoint records; an older checkpoint's pad-and-resize becomes ``SquareResize``.
+
+        Checkpoints written before :class:`~.resize.SquareResize` record ``SquarePad`` and an antialiased
+        ``Resize`` of the same size: the model keeps its own ``SquareResize``, which computes the same
+        pixels and exports them unchanged.
+        """
+        size = next((inner.size for inner in _transforms(self.transform) if isinstance(inner, SquareResize)), None)
+        legacy = None if size is None else transform_to_spec(legacy_square_resize_transform(size))
+        if legacy is not None and config.get("transform") == legacy:
+            return
+        super().load_checkpoint_config(config)
+
     def on_train_batch_start(
         self,
         trainer: Trainer,
@@ -172,8 +197,8 @@ def _transforms(transform: object) -> Iterator[object]:
 
 
 def pads_to_square(transform: object) -> bool:
-    """Whether ``transform`` pads images to a square (anomalib's ``SquarePad``) before resizing them."""
-    return any(isinstance(inner, SquarePad) for inner in _transforms(transform))
+    """Whether ``transform`` pads images to a square (``SquareResize``, anomalib's ``SquarePad``) before resizing."""
+    return any(isinstance(inner, (SquareResize, SquarePad)) for inner in _transforms(transform))
 
 
 def training_input(pre_processor: nn.Module | None, images: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -206,8 +231,9 @@ def evaluation_input(
     other pre-processor the map comes at the pre-processed size: the evaluation steps receive
     images that the pre-processor's batch hooks already transformed (together with their masks),
     and ``forward`` transforms them here. As everywhere in anomalib, ``forward`` applies the
-    pre-processor's export transform, which resizes without antialiasing; the two paths differ by
-    that alone, and not at all where images are enlarged.
+    pre-processor's export transform; with the default pre-processor it is the transform itself
+    (:class:`~.resize.SquareResize` keeps its antialiasing in exported graphs), so both paths give
+    the teacher the same pixels.
 
     Args:
         pre_processor: The model's pre-processor, or ``None``.
@@ -227,7 +253,6 @@ def evaluation_input(
         ((1, 3, 112, 112), {'original_size': (150, 100), 'square_padded': True})
     """
     if isinstance(pre_processor, OriginalSizePreProcessor) and pre_processor.keep_original_size:
-        # As anomalib exports: ``forward`` resizes without antialiasing (OpenVINO's antialiased resize differs).
         model_input, layout = pre_processor.teacher_input(images, export=not pre_processed)
         if layout is not None:
             return model_input, {"layout": layout}

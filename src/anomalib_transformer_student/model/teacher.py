@@ -9,14 +9,26 @@ from typing import Literal
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "vit_base_patch14_reg4_dinov2.lvd142m"
+# The paper's blocks of its 12-block ViT-B: what ``default_layers(12)`` gives.
 DEFAULT_LAYERS = (7, 11)
+# The timm classes whose patch tokens the teacher knows how to take: plain ViTs with absolute position
+# embeddings (DINO, DINOv2, AugReg, DeiT, SigLIP, CLIP, ...) and Eva (EVA02, DINOv3) with rotary ones.
+TEACHER_CLASSES: tuple[type[nn.Module], ...] = (VisionTransformer, Eva)
+SUPPORTED_FAMILIES = (
+    "DINOv3 (e.g. 'vit_base_patch16_dinov3.lvd1689m', 'vit_large_patch16_dinov3_qkvb'), "
+    "DINOv2 (e.g. 'vit_base_patch14_reg4_dinov2.lvd142m', 'vit_small_patch14_dinov2'), "
+    "DINO (e.g. 'vit_small_patch16_224.dino'), EVA02 (e.g. 'eva02_base_patch14_224.mim_in22k') "
+    "and timm's other plain ViTs (AugReg 'vit_base_patch16_224', DeiT, SigLIP, CLIP)"
+)
 
 PosEmbedInterpolation = Literal["dinov2_registers", "dinov2", "dino", "timm"]
 # (offset, antialias) of the authors' code: facebookresearch/dinov2 `dinov2/hub/backbones.py` builds the
@@ -29,32 +41,98 @@ OFFICIAL_INTERPOLATION: dict[str, tuple[float, bool]] = {
 }
 
 
+def unsupported_teacher_message(name: str, reason: str) -> str:
+    """The error text for a timm model that cannot serve as the teacher, with the families that can."""
+    return (
+        f"Teacher '{name}' cannot serve as the teacher: {reason}. A teacher is a timm Vision Transformer with "
+        f"patch tokens whose blocks can be taken one by one: {SUPPORTED_FAMILIES}."
+    )
+
+
+def teacher_refusal(backbone: nn.Module) -> str | None:
+    """Why the timm model ``backbone`` cannot serve as the teacher, or ``None`` if it can.
+
+    Reads only the model's structure, so ``backbone`` may live on the meta device.
+
+    Example:
+        >>> teacher_refusal(timm.create_model("vit_small_patch16_dinov3", device="meta"))
+        >>> teacher_refusal(timm.create_model("resnet18", device="meta"))
+        'timm builds it as a ResNet, not as a Vision Transformer with patch tokens'
+    """
+    if not isinstance(backbone, TEACHER_CLASSES):
+        return f"timm builds it as a {type(backbone).__name__}, not as a Vision Transformer with patch tokens"
+    missing = [name for name in ("blocks", "norm", "forward_intermediates") if not hasattr(backbone, name)]
+    if missing:
+        return f"its intermediate blocks cannot be taken (it lacks {missing})"
+    if not isinstance(backbone.patch_embed, PatchEmbed):
+        return f"its patch embedding is a {type(backbone.patch_embed).__name__}, not a plain patch projection"
+    rope = getattr(backbone, "rope", None)
+    if rope is not None and not hasattr(rope, "update_feat_shape"):
+        return f"its rotary position embedding ({type(rope).__name__}) cannot be fixed to the input's patch grid"
+    return None
+
+
 def create_backbone(name: str) -> nn.Module:
-    """Build the timm Vision Transformer ``name`` with random weights and no classifier head.
+    """Build the timm Vision Transformer ``name`` with random weights, no classifier head and a fixed input size.
 
     Weights are loaded separately (see :mod:`anomalib_transformer_student.training.teacher_weights`), so
-    that building a model never touches the network.
+    that building a model never touches the network. The model is built with ``dynamic_img_size=False``
+    (DINOv3 defaults to dynamic sizes): :class:`TeacherFeatureExtractor` sets its input grid once.
 
     Raises:
-        ValueError: If timm does not know ``name`` or the model is not a ViT with patch tokens.
+        ValueError: If timm does not know ``name``, or the model cannot serve as the teacher (not a ViT
+            with patch tokens, or its blocks cannot be taken); the message names the supported families.
+
+    Example:
+        >>> create_backbone("resnet18")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ValueError: Teacher 'resnet18' cannot serve as the teacher: timm builds it as a ResNet, ...
     """
     architecture, _ = timm.models.split_model_name_tag(name)
     if not timm.is_model(architecture):
         msg = (
-            f"Unknown teacher '{name}'. Valid names are timm Vision Transformers; list them with "
-            "`python -c \"import timm; print(timm.list_models('*vit*', pretrained=True))\"`."
+            f"Unknown teacher '{name}'. Valid names are timm Vision Transformers, e.g. {SUPPORTED_FAMILIES}; "
+            "list them with `python -c \"import timm; print(timm.list_models('*vit*', pretrained=True))\"`."
         )
         raise ValueError(msg)
-    backbone = timm.create_model(name, pretrained=False, num_classes=0)
-    required = ("patch_embed", "blocks", "norm", "forward_intermediates")
-    missing = [attribute for attribute in required if not hasattr(backbone, attribute)]
-    if missing:
-        msg = (
-            f"Teacher '{name}' is not a Vision Transformer with intermediate blocks (it lacks {missing}). "
-            "Choose a timm ViT such as 'vit_base_patch14_reg4_dinov2.lvd142m' or 'vit_small_patch16_224.dino'."
-        )
+    # The structure decides; on the meta device building costs next to nothing, whatever the model's size.
+    reason = teacher_refusal(timm.create_model(name, pretrained=False, num_classes=0, device="meta"))
+    if reason is not None:
+        raise ValueError(unsupported_teacher_message(name, reason))
+    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=False)
+
+
+def default_layers(depth: int) -> tuple[int, int]:
+    """The paper's choice of blocks carried to any depth: the block at two thirds of the depth, and the last.
+
+    For the paper's 12-block ViT-B that is blocks 7 and 11 (0-based); for 24 blocks, 15 and 23.
+
+    Raises:
+        ValueError: If the teacher has fewer than two blocks.
+
+    Example:
+        >>> default_layers(12), default_layers(24), default_layers(32), default_layers(40)
+        ((7, 11), (15, 23), (20, 31), (26, 39))
+    """
+    if depth < 2:
+        msg = f"A teacher needs at least two blocks to take two depths from; this one has {depth}."
         raise ValueError(msg)
-    return backbone
+    return max(0, round(2 * depth / 3) - 1), depth - 1
+
+
+def resolve_layers(layers: Sequence[int] | None, depth: int) -> tuple[int, int]:
+    """``layers`` as two non-negative block indices of a ``depth``-block teacher; ``None`` gives :func:`default_layers`.
+
+    Explicit layers always win over the default.
+
+    Raises:
+        ValueError: As :func:`normalise_layers` for explicit layers.
+
+    Example:
+        >>> resolve_layers(None, 24), resolve_layers((7, -1), 24)
+        ((15, 23), (7, 23))
+    """
+    return default_layers(depth) if layers is None else normalise_layers(layers, depth)
 
 
 def pos_embed_interpolation(backbone: nn.Module) -> PosEmbedInterpolation:
@@ -156,26 +234,41 @@ class TeacherFeatureExtractor(nn.Module):
     At construction the positional embedding is resampled once to the ``image_size`` grid, the way
     the authors of the weights interpolate it in every forward (see :func:`pos_embed_interpolation`:
     DINOv2 with registers bicubic with antialiasing, DINOv2 without registers and DINO bicubic with
-    a 0.1 offset, other ViTs as timm resamples), blocks deeper than the deepest requested layer are
-    removed and the head is dropped, so that inference and export run only what is needed and the
-    graph has static shapes and no interpolation.
+    a 0.1 offset, other ViTs as timm resamples); a rotary position embedding (DINOv3, EVA02) is
+    computed once for the ``image_size`` grid, as timm computes it for an input of that size (for
+    DINOv3 also as the official code does, in every forward). Blocks deeper than the deepest
+    requested layer are removed and the head is dropped, so that inference and export run only
+    what is needed and the graph has static shapes and no interpolation.
 
     Args:
-        backbone: A timm Vision Transformer (see :func:`create_backbone`).
-        layers: Two block indices ``(shallow, deep)``; negative indices count from the end.
+        backbone: A timm Vision Transformer built with a fixed input size (see :func:`create_backbone`).
+        layers: Two block indices ``(shallow, deep)``; negative indices count from the end. ``None``
+            takes :func:`default_layers` of the backbone's depth, e.g. ``(7, 11)`` for 12 blocks.
         image_size: Side of the square input; a multiple of the patch size.
+
+    Raises:
+        ValueError: If the backbone cannot serve as the teacher, or ``layers`` or ``image_size`` do not fit it.
 
     Example:
         >>> teacher = TeacherFeatureExtractor(create_backbone("vit_small_patch14_dinov2"), (7, 11), 224)
         >>> shallow, deep = teacher(torch.randn(1, 3, 224, 224))
         >>> shallow.shape
         torch.Size([1, 256, 384])
+        >>> teacher = TeacherFeatureExtractor(create_backbone("vit_small_patch16_dinov3"), None, 64)
+        >>> teacher.layers, teacher.grid_size, teacher(torch.randn(1, 3, 64, 64))[1].shape
+        ((7, 11), (4, 4), torch.Size([1, 16, 384]))
     """
 
-    def __init__(self, backbone: nn.Module, layers: Sequence[int], image_size: int) -> None:
+    def __init__(self, backbone: nn.Module, layers: Sequence[int] | None, image_size: int) -> None:
         super().__init__()
+        name = str((getattr(backbone, "pretrained_cfg", None) or {}).get("architecture", type(backbone).__name__))
+        reason = teacher_refusal(backbone)
+        if reason is None and getattr(backbone, "dynamic_img_size", False):
+            reason = "it was built with dynamic_img_size=True; build it with `create_backbone(name)`"
+        if reason is not None:
+            raise ValueError(unsupported_teacher_message(name, reason))
         self.depth = len(backbone.blocks)
-        self.layers = normalise_layers(layers, self.depth)
+        self.layers = resolve_layers(layers, self.depth)
         self.patch_size = int(backbone.patch_embed.patch_size[0])
         check_image_size(image_size, self.patch_size)
         self.image_size = int(image_size)
@@ -186,11 +279,16 @@ class TeacherFeatureExtractor(nn.Module):
         self._pos_embed_prefix = 0 if getattr(backbone, "no_embed_class", False) else self.num_prefix_tokens
         self.pos_embed_interpolation = pos_embed_interpolation(backbone)
 
-        backbone.prune_intermediate_layers(indices=list(self.layers), prune_norm=False, prune_head=True)
-        backbone.patch_embed.set_input_size(img_size=(image_size, image_size))
-        backbone.dynamic_img_size = False
-        if backbone.pos_embed is not None:
-            backbone.pos_embed = nn.Parameter(self._resample_pos_embed(backbone.pos_embed.data))
+        try:
+            backbone.prune_intermediate_layers(indices=list(self.layers), prune_norm=False, prune_head=True)
+            backbone.patch_embed.set_input_size(img_size=(image_size, image_size))
+            if backbone.pos_embed is not None:
+                backbone.pos_embed = nn.Parameter(self._resample_pos_embed(backbone.pos_embed.data))
+            if getattr(backbone, "rope", None) is not None:
+                backbone.rope.update_feat_shape(list(self.grid_size))
+        except (AssertionError, AttributeError, RuntimeError, TypeError) as error:  # timm asserts its assumptions
+            reason = f"timm could not set its input to {image_size} px ({type(error).__name__}: {error})"
+            raise ValueError(unsupported_teacher_message(name, reason)) from error
         self.backbone = backbone.eval().requires_grad_(False)
         # Saved with the weights, so a checkpoint knows its teacher needs no fetching.
         self.register_buffer("weights_loaded", torch.tensor(False))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from anomalib.data import InferenceBatch
@@ -17,12 +19,40 @@ from .tiling import TileLayout, stitch
 
 logger = logging.getLogger(__name__)
 
-# Autocast dtype of the teacher on CUDA for each ``teacher_precision``; float32 runs no autocast.
+# Autocast dtype of the teacher for each ``teacher_precision``; float32 runs no autocast. On CUDA both half
+# precisions apply; on CPUs only bfloat16, and only where the CPU has bf16 units (see ``cpu_has_bf16_units``).
 TEACHER_PRECISIONS: dict[str, torch.dtype | None] = {
     "float32": None,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# CPU features (Linux ``/proc/cpuinfo`` flags, and the keys of ``torch.cpu.get_capabilities``) of units that
+# compute bfloat16 natively: x86 AVX512_BF16 (Intel Cooper Lake and later Xeons, AMD Zen 4 and later) and AMX-BF16
+# (Intel Xeon Sapphire Rapids and later), Arm BF16 (e.g. Neoverse V1, AWS Graviton3).
+BF16_CPU_FEATURES = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """Lower-case features of this machine's CPU, from PyTorch (torch >= 2.7) and Linux's ``/proc/cpuinfo``."""
+    features: set[str] = set()
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        features |= {name.lower() for name, present in capabilities().items() if present is True}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):  # x86, Arm
+                features |= set(line.partition(":")[2].lower().split())
+    return frozenset(features)
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this machine's CPU computes bfloat16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
+
+    Without such units PyTorch emulates bfloat16 in software, which runs a ViT many times slower than float32.
+    """
+    return bool(BF16_CPU_FEATURES & cpu_features())
 
 
 def cosine_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,8 +73,11 @@ class TransformerStudentModel(nn.Module):
         blur_kernel_sizes: Box-filter stages of the map smoothing.
         blur_repeats: Repetitions of each stage.
         topk_ratio: Fraction of map pixels averaged into the image score.
-        teacher_precision: ``"float32"``, or ``"float16"``/``"bfloat16"`` to run the teacher under
-            autocast on CUDA (its tokens come back as float32; other devices keep float32).
+        teacher_precision: ``"float32"`` (faithful to the reference), or ``"float16"``/``"bfloat16"`` to run
+            the teacher under autocast: on CUDA both; on CPUs ``"bfloat16"`` where the CPU has bf16 units
+            (:func:`cpu_has_bf16_units`), else the teacher runs float32 with one warning (``"float16"`` on a CPU
+            too: it is no faster there). Its tokens come back as float32. Exported graphs always hold the
+            float32 teacher (the runtime chooses its precision).
         teacher_batch_size: Most images (tiles) the teacher takes at once outside export; larger
             batches run in chunks of this size, which bounds memory and, on CPUs, keeps the cost
             per image that of a small batch. ``None`` runs every batch whole. Exported graphs
@@ -88,7 +121,7 @@ class TransformerStudentModel(nn.Module):
         return cosine_loss(self.forward_student(shallow), deep) + cosine_loss(self.backward_student(deep), shallow)
 
     def teacher_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the teacher's shallow and deep tokens as float32, run at ``teacher_precision`` on CUDA.
+        """Return the teacher's shallow and deep tokens as float32, run at ``teacher_precision`` where it applies.
 
         Outside export, in chunks of at most ``teacher_batch_size`` images.
         """
@@ -99,22 +132,48 @@ class TransformerStudentModel(nn.Module):
         return self._teacher_tokens(images)
 
     def _teacher_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = TEACHER_PRECISIONS[self.teacher_precision]
+        dtype = self.autocast_dtype(images.device)
         if dtype is None:
             return self.teacher(images)
-        if images.device.type != "cuda":
-            if not self._precision_noted:
-                logger.warning(
-                    "teacher_precision=%s applies on CUDA only; the teacher runs in float32 on %s "
-                    "(CPUs without native half precision would run it far slower, not faster).",
-                    self.teacher_precision,
-                    images.device.type,
-                )
-                self._precision_noted = True
-            return self.teacher(images)
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(images.device.type, dtype=dtype):
             shallow, deep = self.teacher(images)
         return shallow.float(), deep.float()
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The dtype the teacher runs in under autocast on ``device``; ``None``: float32, no autocast.
+
+        ``teacher_precision`` applies on CUDA, and its ``"bfloat16"`` on CPUs with bf16 units; elsewhere the
+        teacher runs float32 and one warning per model says why. Never during export: graphs hold float32.
+        """
+        dtype = TEACHER_PRECISIONS[self.teacher_precision]
+        if dtype is None or torch.compiler.is_exporting():
+            return None
+        if device.type == "cuda":
+            return dtype
+        if device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_bf16_units():
+            return dtype
+        if not self._precision_noted:
+            self._precision_noted = True
+            if device.type != "cpu":
+                reason = f"it applies on CUDA and CPUs only, not on {device.type}"
+            elif dtype == torch.bfloat16:
+                reason = (
+                    "this CPU has no bf16 units (AVX512_BF16 or AMX-BF16 on x86, BF16 on Arm), on which PyTorch "
+                    "would emulate bfloat16 many times slower than float32"
+                )
+            else:
+                reason = (
+                    "float16 autocast on CPUs is no faster than float32; use teacher_precision='bfloat16' on CPUs "
+                    "with bf16 units"
+                )
+            logger.warning(
+                "teacher_precision=%s: the teacher runs in float32 on %s, as %s. Set teacher_precision='float32' "
+                "to silence this.",
+                self.teacher_precision,
+                device.type,
+                reason,
+            )
+        return None
 
     def forward(
         self,

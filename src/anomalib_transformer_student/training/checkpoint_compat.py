@@ -95,7 +95,9 @@ def check_checkpoint_compatible(checkpoint: Mapping[str, Any], current: Mapping[
     """
     stored = checkpoint.get(ARCHITECTURE_KEY) or checkpoint.get("hyper_parameters") or {}
     differing = [
-        name for name in ARCHITECTURE_SETTINGS if name in stored and _differs(name, stored[name], current[name], depth)
+        name
+        for name in ARCHITECTURE_SETTINGS
+        if stored.get(name) is not None and _differs(name, stored[name], current[name], depth)
     ]
     if not differing:
         return

@@ -11,6 +11,8 @@ What it checks, and what it does:
 
 - unreadable images and masks (truncated, corrupt, not an image): :class:`CorruptImageError`,
   or skipped with a warning;
+- images over PIL's pixel limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 MP by default), which
+  anomalib's reader refuses though they are not corrupt: :class:`ImageTooLargeError`, never skipped;
 - an empty training set: :class:`EmptyTrainingSetError`;
 - masks whose size differs from their image's: :class:`MaskSizeError`, naming both files;
 - single-channel images with more than 8 bits per pixel (16-bit grayscale) whose values
@@ -75,6 +77,10 @@ class CorruptImageError(DataCheckError):
     """Images or masks that cannot be decoded."""
 
 
+class ImageTooLargeError(DataCheckError):
+    """Images over PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``), which anomalib's reader refuses."""
+
+
 class EmptyTrainingSetError(DataCheckError):
     """No training image was found (or every one was skipped)."""
 
@@ -96,12 +102,14 @@ class ImageCheck:
         size: ``(width, height)``, or ``None`` if the file could not be decoded.
         error: Why the file could not be decoded (``"OSError: image file is truncated"``), else ``None``.
         clipped: A wide grayscale image with values above 255, which an 8-bit conversion clips.
+        too_large: Over PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``): not corrupt, but PIL refuses it.
     """
 
     path: str
     size: tuple[int, int] | None
     error: str | None = None
     clipped: bool = False
+    too_large: bool = False
 
 
 def check_image(path: str | os.PathLike[str]) -> ImageCheck:
@@ -116,6 +124,8 @@ def check_image(path: str | os.PathLike[str]) -> ImageCheck:
             image.load()
             clipped = image.mode in WIDE_GRAYSCALE_MODES and (image.getextrema()[1] or 0) > 255
             return ImageCheck(str(path), image.size, clipped=clipped)
+    except Image.DecompressionBombError as error:
+        return ImageCheck(str(path), None, error=f"{type(error).__name__}: {error}", too_large=True)
     except Exception as error:  # every reason a file cannot be read is reported, not raised
         return ImageCheck(str(path), None, error=f"{type(error).__name__}: {error}")
 
@@ -146,6 +156,9 @@ class DataChecks(Callback):
     training); dataloaders passed to the trainer directly are checked when their loop starts.
     Each dataset is checked once. Datasets are anomalib's: a ``samples`` DataFrame with
     ``image_path`` and ``mask_path`` columns, or a list ``image_filenames`` (``PredictDataset``).
+
+    ``TransformerStudent`` adds its own instance, with its input size and tiling; Lightning puts it in the
+    place of one given to the trainer, and it adopts that one's ``skip_corrupt_images=True``.
 
     Args:
         skip_corrupt_images: Drop images (and test images with masks) that cannot be decoded,
@@ -226,6 +239,7 @@ class DataChecks(Callback):
 
         Raises:
             CorruptImageError: Files that cannot be decoded, unless ``skip_corrupt_images``.
+            ImageTooLargeError: Images or masks over PIL's pixel limit, whatever ``skip_corrupt_images`` says.
             MaskSizeError: Masks whose size differs from their image's.
             ClippedImageError: 16-bit grayscale images with values above 255.
         """
@@ -246,6 +260,9 @@ class DataChecks(Callback):
         images = dict(zip(image_paths, checks[: len(image_paths)], strict=True))
         masks = dict(zip(unique_masks, checks[len(image_paths) :], strict=True))
 
+        too_large = [check.path for check in checks if check.too_large]
+        if too_large:
+            raise ImageTooLargeError(_too_large_message(too_large, split))
         corrupt = [check for check in checks if check.error is not None]
         if corrupt:
             lines = [f"{check.path} ({check.error})" for check in corrupt]
@@ -331,6 +348,19 @@ class DataChecks(Callback):
             )
 
 
+def _too_large_message(paths: Sequence[str], split: str) -> str:
+    limit = Image.MAX_IMAGE_PIXELS
+    refused = f"over {2 * limit:,} pixels (twice PIL.Image.MAX_IMAGE_PIXELS = {limit:,})" if limit else "too large"
+    return (
+        f"{len(paths)} file(s) of the {split} set are {refused}, which PIL, and so anomalib's reader, refuses as a "
+        f"possible decompression bomb; they are not corrupt:\n{_listing(paths)}\n"
+        "If you trust the files, raise the limit in the process that runs anomalib before the data is read: "
+        "`import PIL.Image; PIL.Image.MAX_IMAGE_PIXELS = None` (or a number of pixels). Large images are then "
+        "inspected tile by tile at full resolution with `tile_size` (--model.tile_size); without it each image "
+        "is resized whole to image_size."
+    )
+
+
 def _empty_message(datamodule: Any, what: str) -> str:
     settings = {name: getattr(datamodule, name, None) for name in ("root", "category", "normal_dir")}
     where = ", ".join(f"{name}={value}" for name, value in settings.items() if value is not None)
@@ -395,6 +425,7 @@ __all__ = [
     "DataChecks",
     "EmptyTrainingSetError",
     "ImageCheck",
+    "ImageTooLargeError",
     "MaskSizeError",
     "check_image",
     "check_images",

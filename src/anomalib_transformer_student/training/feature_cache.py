@@ -110,11 +110,14 @@ def image_key(path: str | os.PathLike[str]) -> str | None:
         ...     image_key(file.name) == hashlib.sha256(b"pixels").hexdigest()[:32]
         True
     """
+    digest = hashlib.sha256()
     try:
-        content = Path(path).read_bytes()
+        with Path(path).open("rb") as file:  # in 1-MiB chunks: a large image is never held whole in memory
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
     except OSError:
         return None
-    return hashlib.sha256(content).hexdigest()[:32]
+    return digest.hexdigest()[:32]
 
 
 class ImageKeys:

@@ -11,11 +11,14 @@ source and always stays in, as does the teacher of the checkpoint written at the
 trainer stops early, or after the fit), so the checkpoint a run ends with loads offline.
 
 Loading a checkpoint without its teacher (resuming from ``last.ckpt``, testing an intermediate one) fetches
-the weights again, loads them into the model's teacher the way training did (the positional embedding
-resampled to the input grid), and puts the teacher's tensors back into the state dict before Lightning's
-strict load; their digest must equal the recorded one (:func:`restore_teacher`). When the source is not
-available, loading stops with :class:`TeacherNotInCheckpointError`, which names the teacher, its source and
-the ways out.
+the weights again, adapts them as training did (the positional embedding resampled to the input grid), and
+puts the teacher's tensors back into the state dict before Lightning's strict load (:func:`restore_teacher`).
+A checkpoint does not decide what its loader fetches: the teacher it records must be the model's own (the
+same architecture, and for timm's weights the same pretrained tag), else nothing is fetched or built; and
+the fetched tensors' digest must equal the recorded one before any of them reaches the model, so on a
+mismatch the model keeps its own weights. When the source is not available, the record does not match, or
+it is malformed, loading stops with :class:`TeacherNotInCheckpointError`, which names the teacher, its
+source and the ways out.
 
 The functions work on the checkpoint dict and plain data; the Lightning module's hooks call them.
 """
@@ -30,12 +33,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from timm.models import get_pretrained_cfg, split_model_name_tag
 
 from .teacher_weights import is_cached
 
 TEACHER_KEY = "transformer_student_teacher"
 # The teacher's tensors in the Lightning module's state dict. ``model.teacher.weights_loaded`` stays in.
 TEACHER_PREFIX = "model.teacher.backbone."
+SHA256_HEX_DIGITS = 64
 
 
 class TeacherNotInCheckpointError(RuntimeError):
@@ -191,32 +196,106 @@ def _failure(record: Mapping[str, Any], source: TeacherSource, reason: str) -> T
     )
 
 
+def _record_problem(record: Any, prefix: str) -> str | None:
+    """What is wrong with a teacher record (see :func:`omit_teacher`), or ``None`` if it is well formed."""
+    if not isinstance(record, Mapping):
+        return f"it is a {type(record).__name__}, not a mapping"
+    fields = {"teacher": str, "keys": list, "digest": str}
+    missing = [name for name in (*fields, "weights") if name not in record]
+    if missing:
+        return f"it lacks {missing}"
+    wrong = [name for name, kind in fields.items() if not isinstance(record[name], kind)]
+    if not isinstance(record["weights"], str | None):
+        wrong.append("weights")
+    if wrong:
+        return f"{wrong} have the wrong type"
+    if not record["teacher"] or not record["keys"]:
+        return "its teacher or its list of keys is empty"
+    if not all(isinstance(key, str) and key.startswith(prefix) for key in record["keys"]):
+        return f"its keys are not all teacher tensors ('{prefix}...')"
+    if len(record["digest"]) != SHA256_HEX_DIGITS or any(char not in "0123456789abcdef" for char in record["digest"]):
+        return "its digest is not a SHA-256 in hex"
+    return None
+
+
+def _malformed(problem: str) -> TeacherNotInCheckpointError:
+    return TeacherNotInCheckpointError(
+        f"This checkpoint's record of the teacher it left out (checkpoint['{TEACHER_KEY}']) is malformed: "
+        f"{problem}. The checkpoint was damaged or not written by TransformerStudent, so its teacher cannot be "
+        "reloaded. Use the checkpoint written at the end of the run (`weights/lightning/model.ckpt` of a finished "
+        "fit), which holds the teacher."
+    )
+
+
+def _resolved_name(name: str) -> str:
+    """``architecture.tag`` with timm's default pretrained tag filled in (``name`` itself if timm has none)."""
+    architecture, tag = split_model_name_tag(name)
+    config = None if tag else get_pretrained_cfg(architecture)
+    return f"{architecture}.{config.tag}" if config is not None and config.tag else name
+
+
+def same_teacher(recorded: str, model: str, weights_file: bool) -> bool:
+    """Whether a checkpoint's recorded teacher is the model's.
+
+    The same architecture, and unless the weights come from a file, the same pretrained tag (a name without
+    a tag means timm's default one).
+
+    Example:
+        >>> same_teacher("vit_small_patch14_dinov2.lvd142m", "vit_small_patch14_dinov2", weights_file=False)
+        True
+        >>> same_teacher("vit_giant_patch14_dinov2.lvd142m", "vit_small_patch14_dinov2", weights_file=True)
+        False
+    """
+    if split_model_name_tag(recorded)[0] != split_model_name_tag(model)[0]:
+        return False
+    return weights_file or _resolved_name(recorded) == _resolved_name(model)
+
+
 def restore_teacher(
     checkpoint: dict[str, Any],
     load: Callable[[TeacherSource], Mapping[str, torch.Tensor]],
     weights: str | None = None,
     prefix: str = TEACHER_PREFIX,
+    teacher: str | None = None,
 ) -> None:
     """Put the teacher's tensors back into a checkpoint written without them, in place; nothing for others.
 
-    Call it from ``on_load_checkpoint``, before Lightning's strict ``load_state_dict``.
+    Call it from ``on_load_checkpoint``, before Lightning's strict ``load_state_dict``. The record is checked
+    first (well formed; its teacher the model's), then the weights are fetched, then their digest is
+    compared with the recorded one, and only then do they enter the state dict: ``load`` must not put them
+    into the model itself.
 
     Args:
         checkpoint: The loaded checkpoint.
-        load: Fetches the weights from a source, loads them into the model's teacher and returns the
-            teacher's state (keys without ``prefix``), as the model's state dict holds it.
+        load: Fetches the weights from a source and returns the teacher's state (keys without ``prefix``) as
+            the model's state dict would hold it, without loading it into the model.
         weights: The model's own ``teacher_weights``: when set, it replaces the recorded source (moved weights).
         prefix: Where the teacher's tensors sit in the state dict.
+        teacher: The model's teacher (timm name): the recorded one must be the same (see :func:`same_teacher`),
+            and the weights are fetched for this name. ``None`` trusts the recorded name.
 
     Raises:
-        TeacherNotInCheckpointError: If the weights cannot be fetched, or differ from those the checkpoint
-            was written with (digest), naming the teacher, its source and the ways out.
+        TeacherNotInCheckpointError: If the record is malformed or names another teacher than the model's,
+            or the weights cannot be fetched, or differ from those the checkpoint was written with (digest),
+            naming the teacher, its source and the ways out.
     """
-    if not omits_teacher(checkpoint):
+    if TEACHER_KEY not in checkpoint:
         return
     record = checkpoint[TEACHER_KEY]
-    recorded = record.get("weights")
-    source = TeacherSource(record["teacher"], weights if weights is not None else recorded)
+    if isinstance(record, Mapping) and not record.get("omitted"):
+        return
+    if (problem := _record_problem(record, prefix)) is not None:
+        raise _malformed(problem)
+    source = TeacherSource(record["teacher"], weights if weights is not None else record["weights"])
+    if teacher is not None:
+        if not same_teacher(record["teacher"], teacher, weights_file=source.weights is not None):
+            raise _failure(
+                record,
+                source,
+                f"that is not this model's teacher '{teacher}', so nothing was fetched. Load the checkpoint into a "
+                f"model of its own teacher (`teacher='{record['teacher']}'`), or use one written for this model",
+            )
+        source = TeacherSource(teacher, source.weights)
     try:
         state = load(source)
     except Exception as error:  # a missing file, an unreadable one, an offline Hub: all end here
@@ -239,6 +318,7 @@ __all__ = [
     "omit_teacher",
     "omits_teacher",
     "restore_teacher",
+    "same_teacher",
     "state_digest",
     "teacher_source",
 ]

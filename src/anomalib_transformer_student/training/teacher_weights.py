@@ -4,8 +4,9 @@ Sources:
 
 - timm's pretrained weights, from the local Hugging Face cache or the Hub (the default);
 - a local file in timm's layout (``.safetensors``, ``.pth``, ``.pt``, ``.bin``);
-- a local file in the official DINOv2 torch.hub layout (``dinov2_vitb14_reg4_pretrain.pth``),
-  converted to timm's layout on load.
+- a local file in the official DINOv2 torch.hub layout (``dinov2_vitb14_reg4_pretrain.pth``) or
+  DINOv3 layout (``dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth``), converted to timm's layout on
+  load by timm's own ``checkpoint_filter_fn`` of the model's family.
 
 Fetching is kept apart from building the model so that constructing a ``TransformerStudent``
 never touches the network or the disk: weights are loaded when training starts, and a
@@ -17,13 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
 import torch
-from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +124,13 @@ def fetch_pretrained_state_dict(name: str, timeout: float = HUB_PROBE_TIMEOUT_S)
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as error:  # timm and huggingface_hub raise many kinds here
-        raise TeacherWeightsUnavailableError(unavailable_message(name, f"{type(error).__name__}: {error}")) from error
+        reason = f"{type(error).__name__}: {error}"
+        if "gated" in reason.lower() or " 401 " in f" {reason} " or " 403 " in f" {reason} ":
+            reason += (
+                " (a gated repository: accept its license on the model's Hugging Face page, then log in with "
+                "`hf auth login` or set HF_TOKEN)"
+            )
+        raise TeacherWeightsUnavailableError(unavailable_message(name, reason)) from error
     return model.state_dict()
 
 
@@ -157,17 +166,73 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _checkpoint_filter(model: nn.Module) -> Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]:
+    """The ``checkpoint_filter_fn`` of the timm module that defines ``model``'s class (identity without one)."""
+    module = sys.modules.get(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", lambda state_dict, _model: state_dict)
+
+
+def is_official_dinov3(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` is in the layout of the official DINOv3 files (as timm tells them apart)."""
+    return "storage_tokens" in state_dict
+
+
+def mask_official_qkv_bias(state_dict: dict[str, torch.Tensor], model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Apply the official DINOv3 key-bias mask to the query-key-value biases, before timm's conversion.
+
+    The official attention (``LinearKMaskedBias`` of facebookresearch/dinov3) multiplies ``qkv.bias`` by the
+    buffer ``qkv.bias_mask`` in every forward (ones for queries and values, zeros for keys); timm's
+    conversion keeps the query and value thirds of the bias as they are stored. Masked here, the converted
+    biases are those the official forward applies, whatever the file's mask holds. Architectures without
+    query-value biases (timm's names without ``_qkvb``) take only files whose masked biases are zero.
+
+    Raises:
+        ValueError: If the file holds non-zero biases that the architecture ``name`` has no place for.
+    """
+    has_bias = any(key.endswith("attn.q_bias") for key, _ in model.named_parameters())
+    converted = dict(state_dict)
+    for key in [key for key in state_dict if key.endswith(".attn.qkv.bias")]:
+        bias = converted.pop(key)
+        mask = converted.pop(f"{key}_mask", None)
+        if mask is not None:
+            bias = bias * mask.to(bias.dtype)
+        if has_bias:
+            converted[key] = bias
+        elif torch.count_nonzero(bias):
+            architecture, _ = timm.models.split_model_name_tag(name)
+            msg = (
+                f"The DINOv3 file holds non-zero query/value biases ({key}), which teacher '{name}' has no "
+                f"place for: choose '{architecture}_qkvb' (the same network with those biases)."
+            )
+            raise ValueError(msg)
+    return converted
+
+
 def to_timm_layout(state_dict: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """Convert ``state_dict`` to the layout of timm model ``name`` with timm's own checkpoint filter.
 
-    ``checkpoint_filter_fn`` converts the layouts timm knows, among them the official DINOv2 torch.hub
-    files (``dinov2_vitb14_reg4_pretrain.pth``: mask token dropped, ``register_tokens`` -> ``reg_token``,
-    the class token's position folded into ``cls_token``, SwiGLU ``w12``/``w3`` -> ``fc1``/``fc2``), and
-    leaves timm's own layout at the native input size as it is. It reads only the shapes of the model,
-    so the model is built on the meta device.
+    The ``checkpoint_filter_fn`` of the model's timm family converts the layouts timm knows and leaves
+    timm's own layout at the native input size as it is. Among them:
+
+    - official DINOv2 torch.hub files (``dinov2_vitb14_reg4_pretrain.pth``, ViT family): mask token dropped,
+      ``register_tokens`` -> ``reg_token``, the class token's position folded into ``cls_token``, SwiGLU
+      ``w12``/``w3`` -> ``fc1``/``fc2``;
+    - official DINOv3 files (``dinov3_vitb16_pretrain_lvd1689m-*.pth``, Eva family): ``storage_tokens`` ->
+      ``reg_token``, ``ls1``/``ls2.gamma`` -> ``gamma_1``/``gamma_2``, ``qkv.bias`` split into ``q_bias`` and
+      ``v_bias`` (the key bias, masked to zero, dropped), SwiGLU ``w1``/``w2``/``w3`` -> ``fc1_g``/``fc1_x``/
+      ``fc2``, mask token and ``rope_embed.periods`` dropped. The key-bias mask is applied first
+      (:func:`mask_official_qkv_bias`). The rotary periods are recomputed in float32 as timm (and Hugging
+      Face transformers) compute them; the official files hold them rounded to bfloat16.
+
+    It reads only the shapes of the model, so the model is built on the meta device.
+
+    Raises:
+        ValueError: If an official DINOv3 file holds biases the architecture has no place for.
     """
     native = timm.create_model(name, pretrained=False, num_classes=0, device="meta")
-    return checkpoint_filter_fn(state_dict, native)
+    if is_official_dinov3(state_dict):
+        state_dict = mask_official_qkv_bias(state_dict, native, name)
+    return _checkpoint_filter(native)(state_dict, native)
 
 
 def teacher_state_dict(name: str, weights: str | None) -> dict[str, torch.Tensor]:
