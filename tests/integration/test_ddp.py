@@ -22,12 +22,12 @@ N_TRAIN = 8
 MODEL = {"teacher": "vit_small_patch14_dinov2", "pretrained": False, "image_size": 112}
 
 
-def fit_with_two_processes(dataset: Path, workdir: Path) -> tuple[Path, str]:
+def fit_with_two_processes(dataset: Path, workdir: Path, model: dict | None = None) -> tuple[Path, str]:
     """Train three epochs on two CPU processes with the anomalib CLI (cached features go to disk)."""
     args = [
         "fit",
         "--model", "TransformerStudent",
-        *(f"--model.{name}={str(value).lower()}" for name, value in MODEL.items()),
+        *(f"--model.{name}={str(value).lower()}" for name, value in (model or MODEL).items()),
         "--model.cache_dir", str(workdir / "cache"),
         *data_args(dataset),
         "--data.train_batch_size", "2",
@@ -97,3 +97,22 @@ def test_two_processes_pass_each_image_through_the_teacher_once_and_test_like_on
     assert ddp_metrics.keys() == single_metrics.keys()
     # Pixel AUROC over some 70 000 pixels is steady; image AUROC over 8 test images moves in steps of 1/12.
     assert abs(ddp_metrics["pixel_AUROC"] - single_metrics["pixel_AUROC"]) < 0.02, (ddp_metrics, single_metrics)
+
+
+def test_a_dinov3_teacher_trains_on_two_processes(tmp_path: Path) -> None:
+    """DINOv3 (rotary position embeddings, 16-px patches) in DDP: every training image cached once across ranks."""
+    spec = DemoDatasetSpec(categories=("brick",), image_size=64, n_train=4, n_test_good=1, n_test_per_defect=1)
+    dataset = generate_demo_dataset(tmp_path / "data", spec)
+    (tmp_path / "ddp").mkdir()
+    dinov3 = {"teacher": "vit_small_patch16_dinov3", "pretrained": False, "image_size": 64}
+    _, output = fit_with_two_processes(dataset, tmp_path / "ddp", model=dinov3)
+    assert "All distributed processes registered" in output
+    expected = {image_key(path) for path in (dataset / "brick" / "train" / "good").iterdir()}
+    cached = [
+        set(json.loads((folder / f"rank{rank}.json").read_text())["entries"])
+        for folder in (tmp_path / "ddp" / "cache").iterdir()
+        for rank in (0, 1)
+    ]
+    training = [entries for entries in cached if entries and entries <= expected]
+    assert set().union(*training) == expected
+    assert sum(len(entries) for entries in training) == len(expected)

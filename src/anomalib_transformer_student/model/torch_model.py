@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -34,11 +35,12 @@ BF16_CPU_FEATURES = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 @functools.cache
 def cpu_features() -> frozenset[str]:
-    """Lower-case features of this machine's CPU, from PyTorch (torch >= 2.7) and Linux's ``/proc/cpuinfo``."""
+    """Lower-case features of this CPU, from PyTorch (``torch.cpu.get_capabilities``) and ``/proc/cpuinfo``."""
     features: set[str] = set()
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     if capabilities is not None:
-        features |= {name.lower() for name, present in capabilities().items() if present is True}
+        with contextlib.suppress(RuntimeError):  # CPUs that PyTorch cannot read: /proc/cpuinfo may still tell
+            features |= {name.lower() for name, present in capabilities().items() if present is True}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text(errors="replace").splitlines():
