@@ -84,8 +84,10 @@ def cpu_flags() -> set[str] | None:
 
 
 def cpu_has_bf16_units() -> bool:
-    """Whether the CPU computes bfloat16 natively (x86 AVX512_BF16 or AMX-BF16, Arm BF16), by its flags."""
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & (cpu_flags() or set()))
+    """Whether the CPU computes bfloat16 natively: the package's own check, which ``teacher_precision`` uses."""
+    from anomalib_transformer_student.model.torch_model import cpu_has_bf16_units as package_check
+
+    return package_check()
 
 
 def cpu_summary() -> str:
