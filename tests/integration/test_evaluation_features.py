@@ -49,7 +49,7 @@ def fit_and_test(
         teacher="vit_small_patch14_dinov2", pretrained=False, image_size=56, layers=(0, 1), **model_arguments
     )
     if not evaluation_cache:
-        model.evaluation_features.enabled = False
+        model.feature_caching.evaluation.enabled = False
     images_seen = [0]
 
     def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor], _outputs: object) -> None:
@@ -72,7 +72,7 @@ def fit_and_test(
     engine.fit(model, datamodule=datamodule)
     fit_images = images_seen[0]
     (metrics,) = engine.test(model, datamodule=datamodule)
-    assert model.evaluation_features.cache is None  # released after the test
+    assert model.feature_caching.evaluation.cache is None  # released after the test
     return fit_images, images_seen[0] - fit_images, metrics, predictions
 
 

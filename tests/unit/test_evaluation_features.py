@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.training.evaluation_features import EvaluationFeatures
+from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
 
 
 def trainer(**datamodule_attributes: object) -> SimpleNamespace:
-    """What ``EvaluationFeatures.open`` reads of a trainer."""
+    """What ``CachedTeacherFeatures.open`` reads of a trainer."""
     datamodule = SimpleNamespace(**datamodule_attributes) if datamodule_attributes else None
     return SimpleNamespace(
         datamodule=datamodule, val_dataloaders=None, test_dataloaders=None, global_rank=0, world_size=1
@@ -56,7 +56,7 @@ def model(tmp_path: Path) -> tuple[TransformerStudent, ImageCounter]:
 
 
 def open_for(model: TransformerStudent, stage: str = "validate", **datamodule_attributes: object) -> None:
-    model.evaluation_features.open(trainer(**datamodule_attributes), stage, model.model.teacher, model.feature_identity)
+    model.feature_caching.open_stage(trainer(**datamodule_attributes), model, stage)
 
 
 def assert_same(actual, expected, rows: list[int] | None = None) -> None:
@@ -82,14 +82,14 @@ def test_cached_maps_and_scores_equal_fresh_ones(model, tmp_path: Path) -> None:
     assert seen[0] == 3
     third = student._predict(images, paths)
     assert seen[0] == 3
-    assert student.evaluation_features.cache.hits == 5
+    assert student.feature_caching.evaluation.cache.hits == 5
     assert_same(first, fresh, [0, 1])
     assert_same(second, fresh, order)
     assert_same(third, fresh)
     # The next stage (the test after the fit) keeps the cache: same fingerprint.
-    cache = student.evaluation_features.cache
+    cache = student.feature_caching.evaluation.cache
     open_for(student, "test")
-    assert student.evaluation_features.cache is cache
+    assert student.feature_caching.evaluation.cache is cache
     student._predict(images, paths)
     assert seen[0] == 3
     # forward, the export path, never uses the cache.
@@ -110,11 +110,11 @@ def test_changed_image_and_changed_teacher_are_recomputed(model, tmp_path: Path)
     assert seen[0] == 1
     assert_same(cached, student._predict(changed))
     # A teacher changed in place (a checkpoint loaded into it) gets another fingerprint.
-    fingerprint = student.evaluation_features.fingerprint
+    fingerprint = student.feature_caching.evaluation.fingerprint
     with torch.no_grad():
         next(student.model.teacher.parameters()).add_(1.0)
     open_for(student, "test")
-    assert student.evaluation_features.fingerprint != fingerprint
+    assert student.feature_caching.evaluation.fingerprint != fingerprint
     seen[0] = 0
     student._predict(changed, [str(path)])
     assert seen[0] == 1
@@ -131,9 +131,8 @@ def test_changed_image_and_changed_teacher_are_recomputed(model, tmp_path: Path)
     ],
 )
 def test_when_the_cache_is_on(tmp_path: Path, enabled, stage, augmentations, cached) -> None:
-    features = EvaluationFeatures(enabled, cache_dir=tmp_path)
-    teacher = torch.nn.Linear(2, 2)
-    features.open(trainer(val_augmentations=augmentations, test_augmentations=augmentations), stage, teacher, {})
+    features = CachedTeacherFeatures("evaluation", enabled, cache_dir=tmp_path)
+    features.open(trainer(val_augmentations=augmentations, test_augmentations=augmentations), stage, "digest", {})
     assert features.active is cached
     features.close()
     assert features.cache is None
@@ -149,6 +148,6 @@ def test_a_model_with_an_open_cache_pickles_without_it(model, tmp_path: Path) ->
     student._predict(image, [str(path)])
     torch.save({"model": student}, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
-    assert loaded.evaluation_features.cache is None
-    assert student.evaluation_features.cache is not None
+    assert loaded.feature_caching.evaluation.cache is None
+    assert student.feature_caching.evaluation.cache is not None
     assert_same(loaded._predict(image, [str(path)]), student._predict(image))

@@ -18,14 +18,12 @@ from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.pre_processing import OriginalSizePreProcessor
 from anomalib_transformer_student.training import feature_cache, spill_file
 from anomalib_transformer_student.training.feature_cache import (
-    CacheDirectoryError,
     ImageKeys,
     TeacherFeatureCache,
-    ensure_writable,
     feature_fingerprint,
+    folder_bytes,
     image_key,
 )
-from anomalib_transformer_student.training.spill_file import folder_bytes
 
 TOKENS, WIDTH = 16, 8
 ENTRY_BYTES = 2 * TOKENS * WIDTH * 2  # one float16 entry
@@ -43,6 +41,11 @@ class CountingTeacher:
         self.images_seen += len(images)
         tokens = images.flatten(1)[:, : TOKENS * WIDTH].reshape(len(images), TOKENS, WIDTH)
         return tokens, -2 * tokens
+
+
+def listed_keys(index: Path) -> set[str]:
+    """The keys a spill file's index lists (every line after the header)."""
+    return {line.split()[0] for line in index.read_text().splitlines()[1:]}
 
 
 def batch(seeds: list[int]) -> torch.Tensor:
@@ -151,15 +154,16 @@ def test_a_half_written_cache_is_rebuilt_never_read(tmp_path: Path, damage) -> N
     shallow, _ = final.tokens(["a", "b", "c"], batch([0, 1, 2]), teacher)
     assert teacher.images_seen == 0
     torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
-    assert json.loads(final.spill.index_path.read_text())["fingerprint"] == FINGERPRINT
+    assert json.loads(final.spill.index_path.read_text().splitlines()[0])["fingerprint"] == FINGERPRINT
 
 
-def test_unwritable_folder_is_named_in_the_error(tmp_path: Path) -> None:
+def test_an_unusable_folder_is_named_in_the_error(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(CacheDirectoryError, match=r"a_file/cache.*not writable.*cache_dir.*feature_cache=False"):
-        ensure_writable(blocker / "cache")
-    assert ensure_writable(tmp_path / "new" / "cache").is_dir()
+    with pytest.raises(OSError, match=r"a_file"):
+        TeacherFeatureCache(blocker / "cache", FINGERPRINT)
+    TeacherFeatureCache(tmp_path / "new" / "cache", FINGERPRINT).close()
+    assert (tmp_path / "new" / "cache").is_dir()
 
 
 def test_image_key_follows_the_content_only(tmp_path: Path) -> None:
@@ -290,7 +294,7 @@ def test_the_disk_budget_bounds_the_spill_files(tmp_path: Path, caplog: pytest.L
     assert f"disk budget of {budget_mb:g} MB is reached" in warning.getMessage()
     assert str(cache.folder) in warning.getMessage()
     assert "cache_disk_budget_mb" in warning.getMessage()
-    assert f"MB on disk in {cache.folder} (budget {budget_mb:g} MB)" in cache.summary()
+    assert f"MB on disk in {cache.folder} (budget {budget_mb:g} MB for {tmp_path})" in cache.summary()
     cache.close()
 
 
@@ -302,7 +306,7 @@ def test_a_full_disk_stops_spilling_not_training(
 
     def fill_up(file, offset: int, data: memoryview) -> None:
         writes.append(offset)
-        if len(writes) == 3:  # the disk fills up halfway through the third entry
+        if len(writes) == 5:  # the disk fills up halfway through the third entry (data, then index line, each)
             write(file, offset, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         write(file, offset, data)
@@ -317,12 +321,12 @@ def test_a_full_disk_stops_spilling_not_training(
             shallow, _ = cache.tokens(list("abcde"), batch(list(range(5))), teacher)
             torch.testing.assert_close(shallow, expected, atol=1e-3, rtol=1e-3)
     assert teacher.images_seen == 5 + 3
-    assert len(writes) == 3  # no write is tried after the disk was found full
+    assert len(writes) == 5  # no write is tried after the disk was found full
     (warning,) = caplog.records
     assert f"the disk of {cache.folder} is full" in warning.getMessage()
     assert f"{ENTRY_MB:.1f} MB needed per image" in warning.getMessage()
     # Neither the index nor the data file keep anything of the failed entry.
-    assert set(json.loads(cache.spill.index_path.read_text())["entries"]) == {"a", "b"}
+    assert listed_keys(cache.spill.index_path) == {"a", "b"}
     assert cache.spill.data_path.stat().st_size == 2 * ENTRY_BYTES
     cache.close()
 
@@ -348,7 +352,9 @@ def _copy_weights(source: TransformerStudent, target: TransformerStudent) -> Non
 
 
 def _fingerprint(model: TransformerStudent, augmentations: object = None) -> str:
-    return model.training_features.fingerprint(model.model.teacher, model.feature_identity, augmentations)
+    caching = model.feature_caching
+    digest = caching.weights_digest(model.model.teacher)
+    return caching.training.fingerprint_of(digest, model.feature_identity, augmentations)
 
 
 def test_every_part_of_the_fingerprint_matters() -> None:

@@ -18,6 +18,7 @@ from anomalib_transformer_student.training.teacher_checkpoint import (
     restore_teacher,
     teacher_source,
 )
+from anomalib_transformer_student.training.weights_digest import DigestMemo, state_digest
 
 TEACHER = "vit_small_patch14_dinov2.lvd142m"
 
@@ -96,20 +97,17 @@ def test_checkpoints_with_the_teacher_are_left_alone() -> None:
     assert checkpoint["state_dict"] == before
 
 
-def test_the_digest_is_computed_once_per_unchanged_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_digest_is_computed_once_per_unchanged_teacher() -> None:
     checkpoint, teacher = _checkpoint()
-    calls: list[int] = []
-    digest = teacher_checkpoint.state_digest
-    monkeypatch.setattr(teacher_checkpoint, "state_digest", lambda state: calls.append(1) or digest(state))
-    memo: dict = {}
+    memo = DigestMemo()
     for _ in range(3):
         omit_teacher({"state_dict": dict(checkpoint["state_dict"])}, TeacherSource(TEACHER, None), memo=memo)
-    assert len(calls) == 1
+    assert memo.hashed == 1
     teacher["pos_embed"].add_(1)  # an in-place change (as load_state_dict makes) is seen
     changed = {"state_dict": {f"model.teacher.backbone.{key}": value for key, value in teacher.items()}}
     omit_teacher(changed, TeacherSource(TEACHER, None), memo=memo)
-    assert len(calls) == 2
-    assert changed[TEACHER_KEY]["digest"] == digest(_prefixed(teacher))
+    assert memo.hashed == 2
+    assert changed[TEACHER_KEY]["digest"] == state_digest(_prefixed(teacher))
 
 
 def _prefixed(teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -54,6 +54,11 @@ COMMANDS: tuple[Command, ...] = (
         "anomalib_transformer_student.apps.evaluate",
     ),
     Command(
+        "cache",
+        "See (list) or remove (clear) the teacher-feature cache's folders; safe while trainings run.",
+        "anomalib_transformer_student.apps.cache",
+    ),
+    Command(
         "predict-mvtecad2",
         "Write full-size anomaly maps (TIFF) and masks (PNG) for MVTec AD 2's private test sets.",
         "anomalib_transformer_student.apps.mvtecad2_predictions",

@@ -28,7 +28,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from ..deploy.export import TransformerStudentExportMixin
 from ..training.checkpoint_compat import check_checkpoint_compatible, record_architecture, use_current_evaluator
 from ..training.data_checks import DataChecks
-from ..training.evaluation_features import EvaluationFeatures
+from ..training.feature_caching import FeatureCaching
 from ..training.finite_features import check_finite_features
 from ..training.rng_state import capture_rng_state, restore_rng_state
 from ..training.schedule import apply_paper_epochs, note_batch_size
@@ -39,8 +39,9 @@ from ..training.teacher_checkpoint import (
     restore_teacher,
     teacher_source,
 )
+from ..training.teacher_features import pre_processing_spec
 from ..training.teacher_weights import teacher_state_dict
-from ..training.training_features import TrainingFeatures, pre_processing_spec
+from ..training.weights_digest import DigestMemo
 from .pre_processing import (
     OriginalSizePreProcessor,
     evaluation_input,
@@ -118,21 +119,29 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             governs the evaluation-feature cache: each validation and test image's features
             (float32, exact) come from its first validation and serve every later validation of
             the fit and the test after it (see
-            :mod:`~anomalib_transformer_student.training.evaluation_features`); ``None`` leaves
+            :mod:`~anomalib_transformer_student.training.teacher_features`); ``None`` leaves
             it on unless the evaluation images themselves are augmented; ``False`` turns both
             off. Predict is never cached.
         cache_dir: Folder of the cache's disk part (entries beyond the memory budget);
-            default ``~/.cache/anomalib_transformer_student/teacher_features``. Must be
-            writable, else training stops before it starts.
+            default ``~/.cache/anomalib_transformer_student/teacher_features``, made private to
+            the user (0700, files 0600). A folder that cannot be used (not writable, a full disk,
+            another user's or writable by others without ``cache_shared``) turns caching off for
+            the run with one warning naming it; training goes on with the same results.
         cache_dtype: Storage dtype of cached features: ``"float16"`` (default, half the
             memory) or ``"float32"`` (exact).
         cache_memory_budget_mb: Memory for cached features per process; beyond it they go to
             a file in ``cache_dir``, which later runs with the same teacher, weights, layers,
             image size and pre-processing reuse. ``0`` keeps all on disk.
-        cache_disk_budget_mb: Disk for the cache's files in ``cache_dir`` per teacher, weights,
-            layers, image size and pre-processing, all categories and processes together
-            (default 20 GiB); beyond it further images are not cached (one warning naming the
-            folder). A full disk does not stop training either: caching stops, with one warning.
+        cache_disk_budget_mb: Disk for the whole ``cache_dir`` (default 20 GiB): every teacher,
+            weights, layers, image size and pre-processing, all categories and processes together.
+            When an image needs room, the features used least recently by no running process are
+            evicted; beyond it further images are not cached (one warning naming the folder). A full
+            disk does not stop training either: caching stops, with one warning. See and clear the
+            cache with ``transformer-student cache list`` and ``transformer-student cache clear``.
+        cache_shared: ``cache_dir`` is shared by a group of users or by several nodes: accept
+            folders and files of other users and make new ones group-writable (2770, 0660) instead
+            of private. Symbolic links are never followed and every file read is checked, shared
+            or not.
         full_resolution_maps: At validation, test and predict, return each anomaly map at its
             image's original size (upsampled to the square-padded original size, padding
             cropped away), with ``gt_mask`` left at full resolution, as the paper evaluates.
@@ -193,6 +202,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         cache_dtype: Literal["float16", "float32"] = "float16",
         cache_memory_budget_mb: float = 4096.0,
         cache_disk_budget_mb: float = 20480.0,
+        cache_shared: bool = False,
         full_resolution_maps: bool = True,
         teacher_precision: Literal["float32", "float16", "bfloat16"] = "float32",
         skip_corrupt_images: bool = False,
@@ -239,14 +249,17 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
                 "full_resolution_maps applies to the default pre-processor; with a custom one, maps come at the "
                 "size the pre-processor gives, in evaluation and in exported models alike."
             )
-        self.training_features = TrainingFeatures(
-            feature_cache, cache_dir, cache_dtype, cache_memory_budget_mb, cache_disk_budget_mb
+        # The frozen teacher's digest (cache fingerprints, checkpoints that leave the teacher out): hashed once.
+        self._teacher_digest_memo = DigestMemo()
+        self.feature_caching = FeatureCaching(
+            feature_cache,
+            cache_dir,
+            cache_dtype,
+            cache_memory_budget_mb,
+            cache_disk_budget_mb,
+            cache_shared,
+            memo=self._teacher_digest_memo,
         )
-        self.evaluation_features = EvaluationFeatures(
-            feature_cache, cache_dir, cache_memory_budget_mb, cache_disk_budget_mb
-        )
-        # The frozen teacher's digest, for checkpoints that leave the teacher out: hashed once per model.
-        self._teacher_digest_memo: dict[str, Any] = {}
 
     def _tiling(
         self, tile_size: int | None, tile_overlap: int, pre_processor: PreProcessor | bool, full_resolution_maps: bool
@@ -314,7 +327,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             isinstance(callback, DataChecks) and callback.skip_corrupt_images for callback in trainer_callbacks
         )
         checks = DataChecks(skip, input_size=teacher.image_size, patch_size=teacher.patch_size, tiling=self.tiling)
-        return [*super().configure_callbacks(), checks]
+        return [*super().configure_callbacks(), checks, self.feature_caching]
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -370,36 +383,6 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         if not bool(teacher.weights_loaded):
             teacher.load_backbone_state_dict(teacher_state_dict(self.teacher_name, self.teacher_weights))
 
-    def _start_evaluation(self, stage: str) -> None:
-        """Load the teacher's weights, then keep or open the evaluation-feature cache for ``stage``."""
-        self.load_teacher_weights()
-        training_cache = self.training_features.cache
-        self.evaluation_features.open(
-            self.trainer,
-            stage,
-            self.model.teacher,
-            {**self.feature_identity, "keep_original_size": getattr(self.pre_processor, "keep_original_size", None)},
-            memory_in_use=0 if training_cache is None else training_cache.memory_bytes,
-        )
-
-    def on_validation_start(self) -> None:
-        """Load the teacher's weights; reuse the evaluation features of earlier validations of this fit."""
-        self._start_evaluation("validate")
-
-    def on_test_start(self) -> None:
-        """Load the teacher's weights; reuse the evaluation features of the fit's validations."""
-        self._start_evaluation("test")
-
-    def on_predict_start(self) -> None:
-        """Load the teacher's weights (predict batches are not cached)."""
-        self._start_evaluation("predict")
-
-    def teardown(self, stage: str) -> None:
-        """After a test, release the evaluation-feature cache (kept from the fit's validations until then)."""
-        super().teardown(stage)
-        if stage == "test":
-            self.evaluation_features.close(self.global_rank)
-
     def on_fit_start(self) -> None:
         """Train the paper's 50 epochs unless an epoch count was given; load the teacher's weights."""
         apply_paper_epochs(self.trainer)
@@ -432,25 +415,23 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             **self.architecture,
             "pre_processing": pre_processing_spec(self.pre_processor),
             "teacher_precision": self.model.teacher_precision,
+            "keep_original_size": getattr(self.pre_processor, "keep_original_size", None),
         }
         if self.tiling is not None:
             identity["tiling"] = self.tiling.spec
         return identity
 
     def on_train_start(self) -> None:
-        """Open the teacher-feature cache once the teacher holds its weights (see ``feature_cache``)."""
+        """Note the batch size against the paper's (see :mod:`~anomalib_transformer_student.training.schedule`)."""
         note_batch_size(getattr(self.trainer.train_dataloader, "batch_size", None))
-        self.training_features.open(self.trainer, self.model.teacher, self.feature_identity)
-
-    def on_train_end(self) -> None:
-        """Report and release the teacher-feature cache; its disk part stays for later runs."""
-        self.training_features.close(self.global_rank)
 
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
         """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on)."""
         del args, kwargs
         images, tiles = training_input(self.pre_processor, batch.image)
-        shallow, deep = self.training_features.tokens(images, batch.image_path, self.model.teacher_features, tiles)
+        shallow, deep = self.feature_caching.training.tokens(
+            images, batch.image_path, self.model.teacher_features, tiles
+        )
         if batch_idx == 0:  # one check per epoch: NaN from a broken teacher must not train for 50 epochs
             check_finite_features(
                 shallow,
@@ -478,7 +459,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         name the images); ``forward``, the export path, never uses it.
         """
         model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
-        shallow, deep = self.evaluation_features.tokens(
+        shallow, deep = self.feature_caching.evaluation.tokens(
             model_input, paths, self.model.teacher_features, tiles_per_image(placement)
         )
         return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)

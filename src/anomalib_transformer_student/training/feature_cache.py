@@ -6,34 +6,32 @@ token tensors from the first epoch and hands them back in later ones, so that on
 students run after the first epoch.
 
 Entries live in memory up to a budget; beyond it they go to a spill file on disk
-(:mod:`.spill_file`), which later runs with the same fingerprint read. Several processes may
-share the folder (two categories trained at once, anomalib's benchmark jobs, DDP ranks). Each
-writes only a file it holds the lock of: ``rank<r>``, else ``rank<r>-1``, ``rank<r>-2``, ...; a
-file whose lock is free belongs to a finished (or killed) run and is adopted, so sequential runs
-fill one file. The other files are read only, and each of their entries is checked against its
-CRC on every read, since their writer may replace it. An entry is listed in the index only after
-its bytes are written, and the index is replaced atomically, so a run killed at any moment leaves
-either a consistent pair or an index that fails to load or to match its data file (rebuilt by the
-next owner, never read); every entry is checked against its CRC when first read in a run. All
-spill files of a fingerprint together stay within a disk budget; a full disk or the budget stops
-further spilling with one warning, never training.
+(:mod:`.spill_file`) in the fingerprint's folder (:mod:`.cache_folder`), which later runs with the
+same fingerprint read. Several processes may share the folder (two categories trained at once,
+anomalib's benchmark jobs, DDP ranks). Each writes only a file it holds the lock of: ``rank<r>``,
+else ``rank<r>-1``, ``rank<r>-2``, ...; a file whose lock is free belongs to a finished (or
+killed) run and is adopted, so sequential runs fill one file. The other files are read only, and
+each of their entries is checked against its CRC on every read, since their writer may replace
+it. The whole cache folder stays within a disk budget, least recently used fingerprints evicted
+first; a full disk or the budget stops further spilling with one warning, never training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
-from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, NUMPY_DTYPES, SpillFile, claim_spill_name, folder_bytes
+from .cache_folder import CacheRoot
+from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, NUMPY_DTYPES, SPILL_NAME, SpillFile, claim_spill_name
 
 logger = logging.getLogger(__name__)
 
@@ -42,44 +40,28 @@ CACHE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": tor
 Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class CacheDirectoryError(OSError):
-    """The cache folder cannot be created or written to."""
-
-
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/anomalib_transformer_student/teacher_features`` (``~/.cache/...`` by default)."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "anomalib_transformer_student" / "teacher_features"
 
 
-def ensure_writable(directory: str | Path) -> Path:
-    """Create ``directory`` if needed and check that files can be written in it.
+def folder_bytes(folder: str | Path) -> int:
+    """Bytes of the regular files directly in ``folder`` (files that vanish while it counts are skipped).
 
-    Raises:
-        CacheDirectoryError: Naming the folder, the reason and the ways out.
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a").write_bytes(b"123")
+        >>> folder_bytes(folder)
+        3
     """
-    directory = Path(directory).expanduser()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        msg = (
-            f"The teacher-feature cache folder '{directory}' is not writable ({error.strerror or error}). "
-            "Point `cache_dir` (--model.cache_dir) to a writable folder, or turn the cache off with "
-            "`feature_cache=False` (--model.feature_cache false)."
-        )
-        raise CacheDirectoryError(msg) from error
-    return directory
-
-
-def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's state (names, shapes, dtypes and values): two teachers share it only if equal."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat(follow_symlinks=False).st_size if entry.is_file(follow_symlinks=False) else 0
+    return total
 
 
 def feature_fingerprint(components: Mapping[str, object]) -> str:
@@ -190,19 +172,26 @@ class TeacherFeatureCache:
 
     Entries are stacked ``(2, N, D)`` tensors in ``dtype``: in memory while they fit in
     ``memory_budget_mb``, then in this process's :class:`SpillFile` under
-    ``directory/<fingerprint[:16]>/`` while all spill files there fit in ``disk_budget_mb``.
+    ``directory/<fingerprint[:16]>/`` while the whole of ``directory`` fits in ``disk_budget_mb``
+    (least recently used fingerprints that no process has open are evicted to make room).
     Entries that the other spill files there hold (those of earlier or concurrent runs) are
     read from them.
 
     Args:
-        directory: Cache folder (see :func:`ensure_writable`).
+        directory: Cache folder (see :class:`~.cache_folder.CacheRoot`).
         fingerprint: :func:`feature_fingerprint` of everything that shapes the features.
         dtype: Storage dtype, ``torch.float16`` (default) or ``torch.float32``.
         memory_budget_mb: Memory for entries before they spill to disk; ``0`` puts every entry on
             disk, where later runs with the same fingerprint find it.
-        disk_budget_mb: Disk for all spill files of this fingerprint together (every category and
-            process); an entry beyond it is not cached (one warning). ``0`` keeps nothing on disk.
+        disk_budget_mb: Disk for the whole cache folder (every fingerprint, category and process);
+            an entry beyond it is not cached (one warning). ``0`` keeps nothing on disk.
         rank: Global rank of the process, the start of its spill file's name.
+        shared: The folder is shared by a group of users or nodes (see :mod:`.cache_folder`).
+        about: What the features are (teacher, image size, ...), shown by ``transformer-student cache list``.
+
+    Raises:
+        OSError: The folder cannot be created, opened or trusted (a
+            :class:`~.cache_folder.CacheFolderError` names the reason and the fix).
 
     Example:
         >>> import tempfile
@@ -216,6 +205,11 @@ class TeacherFeatureCache:
         >>> cache.close()
     """
 
+    # Without a fresh look at the folder, at most this many new slots are added (others' growth is seen late).
+    RECOUNT_EVERY = 256
+    # Bytes an entry's index line may take, counted with its data against the disk budget.
+    LINE_BYTES = 192
+
     def __init__(
         self,
         directory: str | Path,
@@ -224,9 +218,11 @@ class TeacherFeatureCache:
         memory_budget_mb: float = 4096.0,
         disk_budget_mb: float = 20480.0,
         rank: int = 0,
+        shared: bool = False,
+        about: Mapping[str, Any] | None = None,
     ) -> None:
         if dtype not in NUMPY_DTYPES:
-            msg = f"Cache dtype must be one of {list(CACHE_DTYPES)}, got {dtype}."
+            msg = f"Cache dtype must be one of {[str(known) for known in NUMPY_DTYPES]}, got {dtype}."
             raise ValueError(msg)
         for name, budget in (("cache_memory_budget_mb", memory_budget_mb), ("cache_disk_budget_mb", disk_budget_mb)):
             if budget < 0:
@@ -236,51 +232,57 @@ class TeacherFeatureCache:
         self.memory_budget_bytes = int(memory_budget_mb * 2**20)
         self.disk_budget_mb = disk_budget_mb
         self.disk_budget_bytes = int(disk_budget_mb * 2**20)
-        self.folder = Path(directory) / fingerprint[:16]
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name, self._lock = claim_spill_name(self.folder, rank)
-        # Without a lock (no flock here) the file is private, and the others cannot be told safe to read.
-        self._private = self._lock is None
-        self.spill = SpillFile(self.folder, name, fingerprint, dtype)
         self._fingerprint = fingerprint
-        # The other processes' spill files by name, with the modification time their index was read at.
-        self._others: dict[str, tuple[int, SpillFile]] = {}
-        self.refresh_others()
+        self._lock: int | None = None
+        self._private = False
+        self._folder = None
+        self.spill: SpillFile | None = None
+        self._others: dict[str, SpillFile] = {}
         self._memory: dict[str, torch.Tensor] = {}
         self._memory_bytes = 0
+        self.root = CacheRoot(directory, shared)
+        try:
+            self._folder = self.root.fingerprint(fingerprint, dict(about or {}))
+            self.folder = self._folder.path
+            name, self._lock = claim_spill_name(self._folder, rank)
+            # Without a lock (no flock here) the file is private, and the others cannot be told safe to read.
+            self._private = self._lock is None
+            self.spill = SpillFile(self._folder, name, fingerprint, dtype)
+        except BaseException:
+            self.close()
+            raise
+        self.refresh_others()
         self._spilling = True  # until the disk budget or a full disk refuses an entry
+        self._disk_used: int | None = None  # bytes of the whole folder at the last count
+        self._since_count = 0
         self.hits = 0
         self.misses = 0
 
     @property
     def others(self) -> list[SpillFile]:
         """The other processes' spill files of this fingerprint that hold entries, opened read-only."""
-        return [spill for _, spill in self._others.values()]
+        return [spill for spill in self._others.values() if spill.entries]
 
     def refresh_others(self) -> None:
-        """(Re-)open the other spill files of the folder whose index changed since it was last read.
+        """Take in what the other spill files of the folder gained since they were last read (O(new lines)).
 
-        Other processes (DDP ranks, concurrent runs) may be writing theirs meanwhile: re-reading their
-        indexes on a miss lets one process find what another has just computed.
+        Other processes (DDP ranks, concurrent runs) may be writing theirs meanwhile: reading what they
+        added on a miss lets one process find what another has just computed.
         """
-        if self._private:  # without a lock, the others cannot be told safe to read
+        if self._private or self.spill is None:  # without a lock, the others cannot be told safe to read
             return
-        for index in sorted(self.folder.glob("*.json")):
-            name = index.stem
-            if name == self.spill.index_path.stem:
+        for name in self._folder.names(".log"):
+            if name == self.spill.name or not SPILL_NAME.match(name):
                 continue
-            try:
-                stamp = index.stat().st_mtime_ns
-                if name in self._others and self._others[name][0] == stamp:
-                    continue
-                spill = SpillFile(self.folder, name, self._fingerprint, self.dtype, writable=False)
-            except OSError:  # removed or rebuilt by its owner while we looked
-                continue
-            previous = self._others.pop(name, None)
-            if previous is not None:
-                previous[1].close()
-            if spill.entries:
-                self._others[name] = (stamp, spill)
+            known = self._others.pop(name, None)
+            if known is not None:
+                with contextlib.suppress(OSError):
+                    if known.refresh():
+                        self._others[name] = known
+                        continue
+                known.close()  # rebuilt or compacted by its owner: read it anew
+            with contextlib.suppress(OSError):  # removed meanwhile, or not a file to trust: skipped
+                self._others[name] = SpillFile(self._folder, name, self._fingerprint, self.dtype, writable=False)
 
     def __len__(self) -> int:
         return len(self._memory) + self.disk_entries
@@ -293,14 +295,18 @@ class TeacherFeatureCache:
     @property
     def disk_entries(self) -> int:
         """Number of distinct entries in the spill files: this process's and the others it reads."""
-        return len(set(self.spill.entries).union(*(other.entries for other in self.others)))
+        own = self.spill.entries if self.spill is not None else {}
+        return len(set(own).union(*(other.entries for other in self.others)))
 
     def get(self, key: str) -> torch.Tensor | None:
         """The ``(2, N, D)`` entry of ``key`` on the CPU in the storage dtype, or ``None``."""
         if key in self._memory:
             return self._memory[key]
         for spill in (self.spill, *self.others):
-            row = spill.get(key)
+            try:
+                row = spill.get(key)
+            except OSError:  # an unreadable file is a miss, never a failed step
+                row = None
             if row is not None:
                 return torch.from_numpy(row)
         return None
@@ -315,18 +321,32 @@ class TeacherFeatureCache:
         elif self._spilling:
             self._spill(key, entry, size)
 
+    def _room_for(self, size: int) -> bool:
+        """Whether a new slot of ``size`` bytes fits in the disk budget, evicting unused fingerprints if needed."""
+        self._since_count += 1
+        size += self.LINE_BYTES
+        if (
+            self._disk_used is None
+            or self._since_count >= self.RECOUNT_EVERY
+            or (self._disk_used + size > self.disk_budget_bytes)
+        ):
+            self._disk_used = self.root.make_room(size, self.disk_budget_bytes, keep=self._folder.name)
+            self._since_count = 0
+        if self._disk_used + size > self.disk_budget_bytes:
+            self._stop_spilling(
+                f"its disk budget of {self.disk_budget_mb:g} MB is reached ({self._disk_used / 2**20:.1f} MB used in "
+                f"{self.root.path} by features in use, {size / 2**20:.1f} MB more needed per image in "
+                f"{self.folder}). Raise cache_disk_budget_mb (--model.cache_disk_budget_mb), or see what takes the "
+                "room with `transformer-student cache list`"
+            )
+            return False
+        self._disk_used += size
+        return True
+
     def _spill(self, key: str, entry: torch.Tensor, size: int) -> None:
         """Write an entry to this process's spill file, unless the disk budget or the disk refuses it."""
-        if self.spill.needs_new_slot:
-            used = folder_bytes(self.folder)
-            if used + size > self.disk_budget_bytes:
-                self._stop_spilling(
-                    f"its disk budget of {self.disk_budget_mb:g} MB is reached ({used / 2**20:.1f} MB "
-                    f"used in {self.folder}, {size / 2**20:.1f} MB more needed per image). Raise "
-                    "cache_disk_budget_mb (--model.cache_disk_budget_mb), or delete that folder while no training "
-                    "uses it"
-                )
-                return
+        if self.spill.needs_new_slot and not self._room_for(size):
+            return
         if not self.spill.entries:
             logger.info(
                 "Teacher-feature cache is beyond its memory budget of %.0f MB; further entries go to %s.",
@@ -407,21 +427,30 @@ class TeacherFeatureCache:
 
     def summary(self) -> str:
         """One line: entries in memory and on disk, hits and misses, and the disk that the spill files take."""
+        on_disk = folder_bytes(self.folder) if self.spill is not None else 0
         return (
             f"{len(self)} images cached ({len(self._memory)} in memory, {self.disk_entries} on disk), "
-            f"{self.hits} hits, {self.misses} misses; {folder_bytes(self.folder) / 2**20:.1f} MB on disk in "
-            f"{self.folder} (budget {self.disk_budget_mb:g} MB)"
+            f"{self.hits} hits, {self.misses} misses; {on_disk / 2**20:.1f} MB on disk in "
+            f"{self.folder} (budget {self.disk_budget_mb:g} MB for {self.root.path})"
         )
 
     def close(self) -> None:
-        """Free the memory entries, close the spill files (which stay for later runs) and release the lock."""
+        """Free the memory entries, close the spill files (which stay for later runs) and release the locks.
+
+        Safe to call more than once, and on a cache whose opening failed half way.
+        """
         self._memory.clear()
         self._memory_bytes = 0
-        for spill in (self.spill, *self.others):
+        for spill in self._others.values():
             spill.close()
-        if self._private:  # nobody would ever read it again
-            self.spill.data_path.unlink(missing_ok=True)
-            self.spill.index_path.unlink(missing_ok=True)
+        self._others.clear()
+        if self.spill is not None:
+            if self._private:  # nobody would ever read it again
+                self.spill.remove_files()
+            self.spill.close()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+        if self._folder is not None:
+            self._folder.close()
+        self.root.close()

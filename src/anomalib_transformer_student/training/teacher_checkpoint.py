@@ -25,7 +25,6 @@ The functions work on the checkpoint dict and plain data; the Lightning module's
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
 from .teacher_weights import is_cached
+from .weights_digest import DigestMemo, state_digest
 
 TEACHER_KEY = "transformer_student_teacher"
 # The teacher's tensors in the Lightning module's state dict. ``model.teacher.weights_loaded`` stays in.
@@ -108,53 +108,16 @@ def is_final_checkpoint(trainer: Any) -> bool:
     return max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps
 
 
-def state_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of tensors by name, shape, dtype and value, in key order.
-
-    Computed as :func:`~anomalib_transformer_student.training.feature_cache.weights_digest` computes a
-    module's, over ``state`` instead of ``module.state_dict()``.
-
-    Example:
-        >>> state_digest({"w": torch.zeros(2)}) == state_digest({"w": torch.zeros(2)})
-        True
-        >>> state_digest({"w": torch.zeros(2)}) == state_digest({"w": torch.ones(2)})
-        False
-    """
-    digest = hashlib.sha256()
-    for name, tensor in state.items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _memo_key(state: Mapping[str, torch.Tensor]) -> tuple:
-    # The tensors' storage and version counter (bumped by every in-place change, ``load_state_dict`` among
-    # them) tell whether one model's teacher is still the one last hashed.
-    return tuple(
-        (name, tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, str(tensor.device))
-        for name, tensor in state.items()
-    )
-
-
-def _teacher_digest(state: Mapping[str, torch.Tensor], memo: dict[str, Any] | None) -> str:
-    if memo is None:
-        return state_digest(state)
-    key = _memo_key(state)
-    if memo.get("key") != key:
-        memo["key"], memo["digest"] = key, state_digest(state)
-    return memo["digest"]
-
-
 def omit_teacher(
     checkpoint: dict[str, Any],
     source: TeacherSource,
-    memo: dict[str, Any] | None = None,
+    memo: DigestMemo | None = None,
     prefix: str = TEACHER_PREFIX,
 ) -> None:
     """Remove the teacher's tensors from ``checkpoint["state_dict"]``, recording their source and digest.
 
     Call it from ``on_save_checkpoint`` (the state dict is already filled) for checkpoints that need not
-    hold the teacher (see :func:`is_final_checkpoint`). ``memo``, a dict kept by the model (one per model),
+    hold the teacher (see :func:`is_final_checkpoint`). ``memo``, kept by the model (one per model),
     spares hashing the frozen teacher at every epoch.
 
     Example:
@@ -172,7 +135,7 @@ def omit_teacher(
         "teacher": source.teacher,
         "weights": source.weights,
         "keys": list(teacher),
-        "digest": _teacher_digest(teacher, memo),
+        "digest": (memo or DigestMemo())(teacher),
     }
     for key in teacher:
         del state[key]
