@@ -159,17 +159,28 @@ class TrainingFeatures:
         )
 
     def tokens(
-        self, images: torch.Tensor, paths: Sequence[str] | None, teacher: Teacher, tiles_per_image: int = 1
+        self,
+        images: torch.Tensor,
+        paths: Sequence[str] | None,
+        teacher: Teacher,
+        tiles_per_image: int = 1,
+        tiles: range | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shallow and deep tokens of a batch: from the cache where it holds them, else from ``teacher``.
 
-        With ``tiles_per_image`` above 1, ``images`` holds each image's tiles in a row, one entry each.
+        With ``tiles_per_image`` above 1, the batch holds each image's tiles in a row, one entry each.
+        ``tiles`` says which of the batch's entries (tiles, or images) ``images`` holds, when it holds only
+        some of them (a chunk); ``None``: all.
         """
         if self.cache is None:
             return teacher(images)
-        paths = paths or [None] * (len(images) // tiles_per_image)
-        keys = [None if path is None else self._image_keys(path) for path in paths]
-        return self.cache.tokens(tile_keys(keys, tiles_per_image), images, teacher)
+        if not paths:
+            keys = [None] * len(images)
+        else:
+            keys = [None if path is None else self._image_keys(path) for path in paths]
+            keys = tile_keys(keys, tiles_per_image)
+            keys = keys if tiles is None else keys[tiles.start : tiles.stop]
+        return self.cache.tokens(keys, images, teacher)
 
     def close(self, rank: int = 0) -> None:
         """Report (with the disk the spill files take) and release the cache; its disk part stays for later runs."""
