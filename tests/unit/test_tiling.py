@@ -10,6 +10,7 @@ import pytest
 import torch
 from anomalib.data import ImageBatch, PredictDataset
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -217,6 +218,17 @@ def test_tiled_training_steps_chunk_by_chunk_as_one_step_over_all_tiles() -> Non
                 torch.testing.assert_close(weights, reference.model.get_parameter(name), atol=1e-5, rtol=0)
         initial = _model(**options).model.forward_student.state_dict()
         assert not torch.equal(model.model.forward_student.state_dict()["layers.0.weight"], initial["layers.0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("option", "named"), [("gradient_clip_val", "gradient clipping"), ("accumulate_grad_batches", "accumulation")]
+)
+def test_tiled_training_refuses_the_trainers_automatic_clipping_and_accumulation(option: str, named: str) -> None:
+    """Tiled training steps by hand (chunk by chunk): Lightning refuses what only its automatic optimisation does."""
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, max_steps=1, **{option: 2})
+    batches = [ImageBatch(image=torch.rand(1, 3, 112, 112), image_path=["a"])]
+    with pytest.raises(MisconfigurationException, match=f"{named} is not supported for manual optimization"):
+        trainer.fit(_model(tile_size=SIZE, feature_cache=False), train_dataloaders=DataLoader(batches, batch_size=None))
 
 
 @pytest.mark.parametrize("features", [TrainingFeatures, EvaluationFeatures])
