@@ -15,7 +15,7 @@ step on a small image (peak RSS only grows, so each case needs its own process).
    before tiles were chunked: ``teacher_features`` on all tiles then ``predict``; in training one loss over all
    tiles, Lightning's automatic optimisation).
 
-    python benchmarks/thin_image_memory.py                      # ~3 min on 2 cores
+    python benchmarks/thin_image_memory.py                      # ~5 min on 2 shared cores
     python benchmarks/thin_image_memory.py --sizes 50000x1000 --tiles 16 64 144
 """
 
