@@ -8,12 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from anomalib.data import PredictDataset
+from anomalib.data import ImageBatch, PredictDataset
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.tiling import Tiling, stitch
 from anomalib_transformer_student.training.data_checks import DataChecks
+from anomalib_transformer_student.training.feature_cache import TeacherFeatureCache, feature_fingerprint
+from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
 
 from ..helpers import SMALL_TEACHER
 
@@ -133,6 +138,125 @@ def test_tiles_reach_the_teacher_in_chunks_of_tile_batch_size() -> None:
         expected, actual = at_once._predict(images), chunked._predict(images)
     assert batches == [4, 4, 4, 3]
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=1e-5, rtol=0)
+
+
+def _largest_student_batch(model: TransformerStudent) -> list[int]:
+    """A live list whose only element is the most tokens' rows (tiles) the forward student has seen at once."""
+    largest = [0]
+
+    def record(_module: torch.nn.Module, inputs: tuple[torch.Tensor], _output: object) -> None:
+        largest[0] = max(largest[0], len(inputs[0]))
+
+    model.model.forward_student.register_forward_hook(record)
+    return largest
+
+
+def test_tiled_prediction_holds_one_chunks_tokens_and_gives_the_whole_batchs_maps() -> None:
+    """Tiles are scored chunk by chunk (only their scores kept), and the maps are those of all tiles at once."""
+    model = _model(tile_size=SIZE, tile_overlap=14, tile_batch_size=4)
+    images = torch.rand(2, 3, 130, 250, generator=torch.Generator().manual_seed(4))
+    tiles, layout = model.pre_processor.teacher_input(images)
+    assert len(tiles) == 2 * layout.count > 4
+    largest = _largest_student_batch(model)
+    with torch.no_grad():
+        actual = model._predict(images)
+        assert largest == [4]  # never more than tile_batch_size tiles' tokens at once
+        model.model.teacher_batch_size = None
+        shallow, deep = model.model.teacher_features(tiles)  # all tiles at once, as before chunking
+        expected = model.model.predict(shallow, deep, tuple(tiles.shape[-2:]), layout=layout)
+    assert largest == [len(tiles)]
+    assert actual.anomaly_map.shape == (2, 1, 130, 250)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=1e-5, rtol=0)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, atol=1e-5, rtol=0)
+
+
+def _fit_steps(model: TransformerStudent, batches: list, steps: int) -> list[float]:
+    """Train ``model`` for ``steps`` batches with a plain Lightning trainer; return the logged ``train_loss``."""
+    losses: list[float] = []
+
+    class Losses(Callback):
+        def on_train_batch_end(self, trainer: Trainer, *_args: object) -> None:
+            losses.append(float(trainer.callback_metrics["train_loss_step"]))
+
+    trainer = Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Losses()],
+    )
+    trainer.fit(model.train(), train_dataloaders=DataLoader(batches, batch_size=None))
+    return losses
+
+
+def test_tiled_training_steps_chunk_by_chunk_as_one_step_over_all_tiles() -> None:
+    """With tiling, the students see at most ``tile_batch_size`` tiles at once; weights and loss are as unchunked."""
+    generator = torch.Generator().manual_seed(5)
+    batches = [
+        ImageBatch(image=torch.rand(2, 3, 112, 140, generator=generator), image_path=[f"{step}-a", f"{step}-b"])
+        for step in range(3)
+    ]
+    options = {"tile_size": SIZE, "feature_cache": False, "lr": 1e-3}
+    reference = _model(**options, tile_batch_size=100)
+    reference.automatic_optimization = True  # the whole batch's tiles in one loss, as before chunking
+    assert reference.tiling.layout(112, 140).count == 6  # 12 tiles per batch
+    expected = _fit_steps(reference, batches, 3)
+    for tile_batch_size in (1, 5, 100):
+        model = _model(**options, tile_batch_size=tile_batch_size)
+        assert not model.automatic_optimization
+        largest = _largest_student_batch(model)
+        losses = _fit_steps(model, batches, 3)
+        assert largest == [min(tile_batch_size, 12)]
+        torch.testing.assert_close(losses, expected, atol=1e-6, rtol=0)
+        for name, weights in model.model.named_parameters():
+            if "student" in name:
+                torch.testing.assert_close(weights, reference.model.get_parameter(name), atol=1e-5, rtol=0)
+        initial = _model(**options).model.forward_student.state_dict()
+        assert not torch.equal(model.model.forward_student.state_dict()["layers.0.weight"], initial["layers.0.weight"])
+
+
+@pytest.mark.parametrize(
+    ("option", "named"), [("gradient_clip_val", "gradient clipping"), ("accumulate_grad_batches", "accumulation")]
+)
+def test_tiled_training_refuses_the_trainers_automatic_clipping_and_accumulation(option: str, named: str) -> None:
+    """Tiled training steps by hand (chunk by chunk): Lightning refuses what only its automatic optimisation does."""
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, max_steps=1, **{option: 2})
+    batches = [ImageBatch(image=torch.rand(1, 3, 112, 112), image_path=["a"])]
+    with pytest.raises(MisconfigurationException, match=f"{named} is not supported for manual optimization"):
+        trainer.fit(_model(tile_size=SIZE, feature_cache=False), train_dataloaders=DataLoader(batches, batch_size=None))
+
+
+@pytest.mark.parametrize("purpose", ["training", "evaluation"])
+def test_feature_caches_serve_a_chunk_of_a_batchs_tiles_under_the_tiles_keys(tmp_path: Path, purpose: str) -> None:
+    """A chunk of tiles (``tiles=``) reads and writes the very entries the whole batch's call does."""
+    paths = []
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(name.encode())
+        paths.append(str(tmp_path / name))
+    cache = CachedTeacherFeatures(purpose, enabled=True)
+    cache.cache, cache.active = TeacherFeatureCache(tmp_path / "cache", feature_fingerprint({"t": 1})), True
+    tiles = torch.rand(2 * 3, 3, 4, 4, generator=torch.Generator().manual_seed(6))  # 2 images, 3 tiles each
+    seen = []
+
+    def teacher(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(len(images))
+        return images.flatten(2).mT, -images.flatten(2).mT
+
+    chunked = [cache.tokens(tiles[4:], paths, teacher, 3, tiles=range(4, 6))]  # fills the second image's tiles 1, 2
+    whole = cache.tokens(tiles, paths, teacher, 3)
+    assert seen == [2, 4]  # only the four other tiles were computed
+    chunked = [
+        cache.tokens(tiles[part.start : part.stop], paths, teacher, 3, tiles=part)
+        for part in (range(0, 4), range(4, 6))
+    ]
+    assert seen == [2, 4]  # all from the cache
+    for index in (0, 1):
+        torch.testing.assert_close(torch.cat([part[index] for part in chunked]), whole[index], atol=1e-3, rtol=0)
+    torch.testing.assert_close(whole[0], teacher(tiles)[0], atol=1e-3, rtol=0)
 
 
 def test_uniform_image_gives_a_map_without_seams_at_tile_borders() -> None:

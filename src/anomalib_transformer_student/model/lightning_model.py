@@ -50,7 +50,7 @@ from .pre_processing import (
     training_input,
 )
 from .teacher import DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
-from .tiling import Tiling
+from .tiling import Tiling, chunks
 from .torch_model import TransformerStudentModel
 
 if TYPE_CHECKING:
@@ -166,9 +166,14 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         tile_overlap: Pixels of the original image that neighbouring tiles share at least (rounded
             up to whole patches); tiles are spread evenly to cover the image, so they often share
             more. Where tiles overlap, their patch scores are averaged.
-        tile_batch_size: Most tiles the teacher takes at once in training and evaluation (a batch's
-            tiles run in chunks of this size): bounds the teacher's memory, and on CPUs keeps the
-            cost per tile that of a small batch. Exported graphs run all tiles of a batch at once.
+        tile_batch_size: Most tiles the teacher and the students take at once in training and
+            evaluation (a batch's tiles run in chunks of this size): bounds the memory of the tiles'
+            tokens, whatever the number of tiles per image and the batch size, and on CPUs keeps the
+            cost per tile that of a small batch. Evaluation keeps only each chunk's patch scores;
+            training backpropagates each chunk's share of the loss and steps the optimiser once per
+            batch (Lightning's manual optimisation), the same step as over all tiles at once, so the
+            trainer's ``gradient_clip_val`` and ``accumulate_grad_batches`` are refused with tiling.
+            Exported graphs run all tiles of a batch at once.
         skip_corrupt_images: Drop images (and masks) that cannot be decoded, with one warning
             listing them, instead of stopping with ``CorruptImageError`` (every image and mask is
             checked before a stage starts; see :class:`DataChecks`).
@@ -242,6 +247,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         tiling = self._tiling(tile_size, tile_overlap, pre_processor, full_resolution_maps)
         if tiling is not None:
             self.model.teacher_batch_size = _positive_count("tile_batch_size", tile_batch_size)
+            self.automatic_optimization = False  # training steps chunk by chunk (see ``training_step``)
         if pre_processor is True:
             self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps, tiling)
         elif full_resolution_maps and pre_processor is not False:
@@ -426,13 +432,47 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         note_batch_size(getattr(self.trainer.train_dataloader, "batch_size", None))
 
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
-        """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on)."""
+        """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on).
+
+        With tiling, the batch's tiles pass through teacher and students ``tile_batch_size`` at a time
+        (Lightning's manual optimisation): each chunk's loss, weighted by its share of the tiles, is
+        backpropagated at once, and one optimiser step follows. The step and the logged loss are those of
+        the whole batch's loss (a mean over tokens, the same number per tile), while only one chunk's tokens
+        are alive at a time.
+        """
         del args, kwargs
         images, tiles = training_input(self.pre_processor, batch.image)
+        check = batch_idx == 0  # one check per epoch: NaN from a broken teacher must not train for 50 epochs
+        if self.automatic_optimization:
+            loss = self._student_loss(images, batch.image_path, tiles, check=check)
+        else:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            loss = images.new_zeros(())
+            for part in chunks(len(images), self.model.teacher_batch_size):
+                share = len(part) / len(images)
+                part_loss = share * self._student_loss(
+                    images[part.start : part.stop], batch.image_path, tiles, check, part
+                )
+                self.manual_backward(part_loss)
+                loss += part_loss.detach()
+            optimizer.step()
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
+        return {"loss": loss}
+
+    def _student_loss(
+        self,
+        images: torch.Tensor,
+        paths: Sequence[str] | None,
+        tiles_per_image: int,
+        check: bool,
+        part: range | None = None,
+    ) -> torch.Tensor:
+        """The students' loss on ``images``: the batch's entries (tiles) ``part``, or all of them."""
         shallow, deep = self.feature_caching.training.tokens(
-            images, batch.image_path, self.model.teacher_features, tiles
+            images, paths, self.model.teacher_features, tiles_per_image, part
         )
-        if batch_idx == 0:  # one check per epoch: NaN from a broken teacher must not train for 50 epochs
+        if check:
             check_finite_features(
                 shallow,
                 deep,
@@ -441,9 +481,7 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
                 teacher_precision=self.model.teacher_precision,
                 weights_source=self.teacher_weights or (self.teacher_name if self.pretrained else None),
             )
-        loss = self.model.student_loss(shallow, deep)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
-        return {"loss": loss}
+        return self.model.student_loss(shallow, deep)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Anomaly maps (at the original size with ``full_resolution_maps``) and scores of evaluation images."""
@@ -459,6 +497,17 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         name the images); ``forward``, the export path, never uses it.
         """
         model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
+        layout = placement.get("layout")
+        if layout is not None:  # tiles chunk by chunk: only one chunk's tokens alive, only the scores kept
+            scores = [
+                self.model.patch_scores(
+                    *self.feature_caching.evaluation.tokens(
+                        model_input[part.start : part.stop], paths, self.model.teacher_features, layout.count, part
+                    )
+                )
+                for part in chunks(len(model_input), self.model.teacher_batch_size)
+            ]
+            return self.model.predict_tiled(torch.cat(scores), layout)
         shallow, deep = self.feature_caching.evaluation.tokens(
             model_input, paths, self.model.teacher_features, tiles_per_image(placement)
         )

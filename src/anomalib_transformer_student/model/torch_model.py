@@ -227,10 +227,7 @@ class TransformerStudentModel(nn.Module):
         """
         generator = self.anomaly_map_generator
         if layout is not None:
-            scores = generator.patch_scores(shallow, deep, self.backward_student(deep), self.forward_student(shallow))
-            patch_map = stitch(scores.reshape(-1, *self.teacher.grid_size), layout)
-            anomaly_map = generator.smooth(patch_map, layout.canvas, window=layout.window)
-            return InferenceBatch(pred_score=generator.score(anomaly_map), anomaly_map=anomaly_map)
+            return self.predict_tiled(self.patch_scores(shallow, deep), layout)
         output_size, window = tuple(input_size), None
         if original_size is not None and square_padded:
             side = square_padding(original_size)[0]
@@ -247,3 +244,27 @@ class TransformerStudentModel(nn.Module):
             original_size=window,
         )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def patch_scores(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        """Patch scores ``(B, N)`` from the teacher's tokens ``(B, N, D)``: the product of both students' discrepancies.
+
+        Row by row: the scores of some tiles do not depend on the others, so that a tiled image's
+        tiles can be scored chunk by chunk and only their scores kept (see :meth:`predict_tiled`).
+        """
+        return self.anomaly_map_generator.patch_scores(
+            shallow, deep, self.backward_student(deep), self.forward_student(shallow)
+        )
+
+    def predict_tiled(self, patch_scores: torch.Tensor, layout: TileLayout) -> InferenceBatch:
+        """``InferenceBatch(pred_score, anomaly_map)`` of tiled images from their tiles' :meth:`patch_scores`.
+
+        Args:
+            patch_scores: Scores ``(B * layout.count, N)`` of the tiles of ``B`` images, each image's tiles
+                in a row; they are stitched into one patch map per image, which is upsampled, smoothed and
+                scored once, at the image's own size.
+            layout: The tiles' :class:`~.tiling.TileLayout`.
+        """
+        generator = self.anomaly_map_generator
+        patch_map = stitch(patch_scores.reshape(-1, *self.teacher.grid_size), layout)
+        anomaly_map = generator.smooth(patch_map, layout.canvas, window=layout.window)
+        return InferenceBatch(pred_score=generator.score(anomaly_map), anomaly_map=anomaly_map)

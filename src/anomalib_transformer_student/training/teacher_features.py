@@ -235,17 +235,23 @@ class CachedTeacherFeatures:
         return 0 if self.cache is None else self.cache.memory_bytes
 
     def tokens(
-        self, images: torch.Tensor, paths: Sequence[str] | None, teacher: Teacher, tiles_per_image: int = 1
+        self,
+        images: torch.Tensor,
+        paths: Sequence[str] | None,
+        teacher: Teacher,
+        tiles_per_image: int = 1,
+        tiles: range | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shallow and deep tokens of a batch: from the cache where it holds them, else from ``teacher``.
 
-        With ``tiles_per_image`` above 1, ``images`` holds each image's tiles in a row, one entry each.
-        Without ``paths`` (images not from files) nothing is cached.
+        With ``tiles_per_image`` above 1, the batch holds each image's tiles in a row, one entry each.
+        ``tiles`` says which of the batch's entries (tiles, or images) ``images`` holds, when it holds only
+        some of them (a chunk); ``None``: all. Without ``paths`` (images not from files) nothing is cached.
         """
-        if self.cache is None or not self.active or paths is None:
+        if self.cache is None or not self.active or not paths:
             return teacher(images)
-        keys = [None if path is None else self._image_keys(path) for path in paths]
-        return self.cache.tokens(tile_keys(keys, tiles_per_image), images, teacher)
+        keys = tile_keys([None if path is None else self._image_keys(path) for path in paths], tiles_per_image)
+        return self.cache.tokens(keys if tiles is None else keys[tiles.start : tiles.stop], images, teacher)
 
     def close(self, rank: int = 0) -> None:
         """Report and release the cache (memory freed, locks released; spill files stay for later runs)."""
