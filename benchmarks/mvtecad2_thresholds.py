@@ -24,7 +24,7 @@ The teacher has RANDOM weights (the machine this was written on is offline): the
 of one random feature extractor's maps and say nothing about the pretrained method's accuracy.
 
 ``--generate-only DIR`` writes the tree and stops (e.g. at sheet_metal's real 4224 x 1056 px, for the
-measurement with ``anomalib train --config configs/mvtecad2.yaml`` in docs/mvtecad2.md).
+measurement with ``anomalib train --config configs/mvtecad2.yaml`` in docs/how-to/mvtecad2.md).
 
 Usage::
 
