@@ -43,3 +43,8 @@ def run_cli(
 def checkpoints(root: Path) -> list[Path]:
     """Checkpoints written below ``root``."""
     return sorted(root.rglob("*.ckpt"))
+
+
+def listed_keys(index: Path) -> set[str]:
+    """The keys a teacher-feature spill file's index (``rank<N>.log``) lists: every line after the header."""
+    return {line.split()[0] for line in index.read_text().splitlines()[1:]} if index.exists() else set()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 from anomalib_transformer_student.training.feature_cache import image_key
 
-from ..helpers import checkpoints, data_args, run_cli
+from ..helpers import checkpoints, data_args, listed_keys, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -74,10 +73,7 @@ def test_two_processes_pass_each_image_through_the_teacher_once_and_test_like_on
     # The other fingerprint folder holds the evaluation images' features.
     expected = {image_key(path) for path in (dataset / "brick" / "train" / "good").iterdir()}
     folders = sorted((tmp_path / "ddp" / "cache").iterdir())
-    indexes = [
-        {rank: set(json.loads((folder / f"rank{rank}.json").read_text())["entries"]) for rank in (0, 1)}
-        for folder in folders
-    ]
+    indexes = [{rank: listed_keys(folder / f"rank{rank}.log") for rank in (0, 1)} for folder in folders]
     (training,) = [index for index in indexes if index[0] | index[1] <= expected]
     assert all(training.values())
     assert training[0] | training[1] == expected
@@ -109,9 +105,7 @@ def test_a_dinov3_teacher_trains_on_two_processes(tmp_path: Path) -> None:
     assert "All distributed processes registered" in output
     expected = {image_key(path) for path in (dataset / "brick" / "train" / "good").iterdir()}
     cached = [
-        set(json.loads((folder / f"rank{rank}.json").read_text())["entries"])
-        for folder in (tmp_path / "ddp" / "cache").iterdir()
-        for rank in (0, 1)
+        listed_keys(folder / f"rank{rank}.log") for folder in (tmp_path / "ddp" / "cache").iterdir() for rank in (0, 1)
     ]
     training = [entries for entries in cached if entries and entries <= expected]
     assert set().union(*training) == expected

@@ -105,10 +105,10 @@ def test_two_trainings_at_once_share_the_cache_folder_safely(tmp_path: Path) -> 
         torch.testing.assert_close(weights, reference, atol=1e-5, rtol=0, msg=lambda text, c=category: f"{c}: {text}")
 
     # Each process wrote its own spill file, holding its own category's images.
+    from ..helpers import listed_keys  # here, not at the top: this file also runs as a training's script
+
     (folder,) = cache.iterdir()
-    indexes = {
-        path.stem: {line.split()[0] for line in path.read_text().splitlines()[1:]} for path in folder.glob("*.log")
-    }
+    indexes = {path.stem: listed_keys(path) for path in folder.glob("*.log")}
     assert set(indexes) == {"rank0", "rank0-1"}
     expected = [{image_key(path) for path in (root / name / "train" / "good").iterdir()} for name in CATEGORIES]
     assert sorted(indexes.values(), key=sorted) == sorted(expected, key=sorted)

@@ -25,6 +25,8 @@ from anomalib_transformer_student.training.feature_cache import (
     image_key,
 )
 
+from ..helpers import listed_keys
+
 TOKENS, WIDTH = 16, 8
 ENTRY_BYTES = 2 * TOKENS * WIDTH * 2  # one float16 entry
 ENTRY_MB = ENTRY_BYTES / 2**20
@@ -41,11 +43,6 @@ class CountingTeacher:
         self.images_seen += len(images)
         tokens = images.flatten(1)[:, : TOKENS * WIDTH].reshape(len(images), TOKENS, WIDTH)
         return tokens, -2 * tokens
-
-
-def listed_keys(index: Path) -> set[str]:
-    """The keys a spill file's index lists (every line after the header)."""
-    return {line.split()[0] for line in index.read_text().splitlines()[1:]}
 
 
 def batch(seeds: list[int]) -> torch.Tensor:
