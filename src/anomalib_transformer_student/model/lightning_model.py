@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from copy import deepcopy
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,23 +22,15 @@ from anomalib import LearningType
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 
 from ..deploy.export import TransformerStudentExportMixin
-from ..training.checkpoint_compat import check_checkpoint_compatible, record_architecture, use_current_evaluator
 from ..training.data_checks import DataChecks
 from ..training.evaluation_features import EvaluationFeatures
-from ..training.finite_features import check_finite_features
-from ..training.rng_state import capture_rng_state, restore_rng_state
-from ..training.schedule import apply_paper_epochs, note_batch_size
-from ..training.teacher_checkpoint import (
-    TeacherSource,
-    is_final_checkpoint,
-    omit_teacher,
-    restore_teacher,
-    teacher_source,
-)
-from ..training.teacher_weights import teacher_state_dict
+from ..training.finite_features import FiniteFeaturesMixin
+from ..training.rng_state import RandomGeneratorState
+from ..training.schedule import PaperSchedule
+from ..training.teacher_checkpointing import TeacherCheckpointMixin
+from ..training.teacher_weights import weights_source
 from ..training.training_features import TrainingFeatures, pre_processing_spec
 from .pre_processing import (
     OriginalSizePreProcessor,
@@ -74,7 +65,7 @@ def _positive_count(name: str, value: int) -> int:
     return value
 
 
-class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
+class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, TransformerStudentExportMixin, AnomalibModule):
     """Learning to Be a Transformer to Pinpoint Anomalies (Costanzino et al., IEEE Access 2025).
 
     A frozen DINOv2 ViT (the teacher) yields patch tokens at two depths; two shallow MLPs (the
@@ -210,12 +201,8 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if teacher_weights is not None and not pretrained:
-            msg = f"teacher_weights='{teacher_weights}' conflicts with pretrained=False; drop one of them."
-            raise ValueError(msg)
         self.teacher_name = teacher
-        self.pretrained = pretrained
-        self.teacher_weights = None if teacher_weights is None else str(teacher_weights)
+        self.weights_source = weights_source(teacher, pretrained, teacher_weights)
         self.lr = lr
         self.max_epochs = max_epochs
         self.skip_corrupt_images = skip_corrupt_images
@@ -245,8 +232,6 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         self.evaluation_features = EvaluationFeatures(
             feature_cache, cache_dir, cache_memory_budget_mb, cache_disk_budget_mb
         )
-        # The frozen teacher's digest, for checkpoints that leave the teacher out: hashed once per model.
-        self._teacher_digest_memo: dict[str, Any] = {}
 
     def _tiling(
         self, tile_size: int | None, tile_overlap: int, pre_processor: PreProcessor | bool, full_resolution_maps: bool
@@ -288,6 +273,11 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         """The tiling of large images, or ``None`` when each image is inspected whole."""
         return getattr(self.pre_processor, "tiling", None)
 
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: trained on nominal images only."""
+        return LearningType.ONE_CLASS
+
     @classmethod
     def configure_pre_processor(
         cls, image_size: tuple[int, int] | None = None, keep_original_size: bool = True, tiling: Tiling | None = None
@@ -303,10 +293,11 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         )
 
     def configure_callbacks(self) -> list[Callback]:
-        """Anomalib's component callbacks, plus DataChecks of every image and mask before a stage starts.
+        """Anomalib's component callbacks; checks of every image and mask; the paper's schedule; the RNG state.
 
-        Lightning replaces a trainer's ``DataChecks`` by the module's, so the module's adopts its
-        ``skip_corrupt_images``: corrupt images are skipped when either asks for it.
+        Lightning replaces a trainer's callbacks of these types by the module's, so the module's ``DataChecks``
+        adopts a trainer's ``skip_corrupt_images``: corrupt images are skipped when either asks for it. The
+        other two have no settings to lose.
         """
         teacher = self.model.teacher
         trainer_callbacks = self._trainer.callbacks if self._trainer is not None else []
@@ -314,61 +305,78 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             isinstance(callback, DataChecks) and callback.skip_corrupt_images for callback in trainer_callbacks
         )
         checks = DataChecks(skip, input_size=teacher.image_size, patch_size=teacher.patch_size, tiling=self.tiling)
-        return [*super().configure_callbacks(), checks]
+        return [*super().configure_callbacks(), checks, PaperSchedule(), RandomGeneratorState()]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over both students; the teacher is frozen.
+
+        On CPU and CUDA the fused implementation updates all parameters in one kernel, several
+        times faster than the default; with cached teacher features the update is a visible
+        part of a training step.
+        """
+        students = chain(self.model.forward_student.parameters(), self.model.backward_student.parameters())
+        return torch.optim.Adam(students, lr=self.lr, fused=self.device.type in {"cpu", "cuda"})
 
     @property
-    def architecture(self) -> dict[str, Any]:
-        """What the saved weights mean: the teacher's name, its two blocks (non-negative) and the input size."""
-        teacher = self.model.teacher
-        return {"teacher": self.teacher_name, "layers": list(teacher.layers), "image_size": teacher.image_size}
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Only ``max_epochs`` when the constructor was given one (without, see :class:`PaperSchedule`)."""
+        return {} if self.max_epochs is None else {"max_epochs": self.max_epochs}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also record the architecture (checked on load) and the random generators' state (restored on resume).
+    def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
+        """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on)."""
+        del args, kwargs
+        images, tiles = training_input(self.pre_processor, batch.image)
+        shallow, deep = self.training_features.tokens(images, batch.image_path, self.model.teacher_features, tiles)
+        self.check_features(batch_idx, shallow, deep, images)  # NaN from a broken teacher must not train 50 epochs
+        loss = self.model.student_loss(shallow, deep)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
+        return {"loss": loss}
 
-        Before the last epoch of a fit, leave the frozen teacher out when its weights can be fetched again
-        (see :mod:`~anomalib_transformer_student.training.teacher_checkpoint`).
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Anomaly maps (at the original size with ``full_resolution_maps``) and scores of evaluation images."""
+        del args, kwargs
+        return batch.update(**self._predict(batch.image, batch.image_path)._asdict())
+
+    test_step = predict_step = validation_step
+
+    def _predict(self, images: torch.Tensor, paths: Sequence[str] | None = None) -> InferenceBatch:
+        """Predictions for evaluation images as the steps receive them (after the pre-processor's hooks).
+
+        The teacher's tokens come from the evaluation-feature cache where it holds them (``paths``
+        name the images); ``forward``, the export path, never uses it.
         """
-        super().on_save_checkpoint(checkpoint)
-        record_architecture(checkpoint, self.architecture)
-        checkpoint["rng_state"] = capture_rng_state()
-        if not is_final_checkpoint(self._trainer):
-            source = teacher_source(self.teacher_name, self.pretrained, self.teacher_weights)
-            if source is not None:
-                omit_teacher(checkpoint, source, memo=self._teacher_digest_memo)
+        model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
+        shallow, deep = self.evaluation_features.tokens(
+            model_input, paths, self.model.teacher_features, tiles_per_image(placement)
+        )
+        return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Prepare a checkpoint before its state dict loads.
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
+        """Pre-process, predict and post-process raw images, as exported models do."""
+        del args, kwargs
+        model_input, placement = evaluation_input(self.pre_processor, batch, pre_processed=False)
+        predictions = self.model(model_input, **placement)
+        return self.post_processor(predictions) if self.post_processor else predictions
 
-        Refuse one of another teacher, layers or size; keep this model's metrics (evaluator); fetch the
-        teacher's weights again for a checkpoint written without them (verified by digest); when resuming a
-        fit, restore the random generators.
-        """
-        check_checkpoint_compatible(checkpoint, self.architecture, self.model.teacher.depth)
-        use_current_evaluator(checkpoint, self.evaluator)
-        restore_teacher(checkpoint, self._reload_teacher, self.teacher_weights, teacher=self.teacher_name)
-        super().on_load_checkpoint(checkpoint)
-        if "rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            restore_rng_state(checkpoint["rng_state"])
+    @property
+    def feature_identity(self) -> dict[str, Any]:
+        """Everything but the weights that shapes the teacher's features of an image (for the cache's key)."""
+        identity = {
+            **self.architecture,
+            "pre_processing": pre_processing_spec(self.pre_processor),
+            "teacher_precision": self.model.teacher_precision,
+        }
+        if self.tiling is not None:
+            identity["tiling"] = self.tiling.spec
+        return identity
 
-    def _reload_teacher(self, source: TeacherSource) -> dict[str, torch.Tensor]:
-        """The backbone's state with the weights of ``source`` (a checkpoint left them out), adapted as loading does.
+    def on_train_start(self) -> None:
+        """Open the teacher-feature cache once the teacher holds its weights (see ``feature_cache``)."""
+        self.training_features.open(self.trainer, self.model.teacher, self.feature_identity)
 
-        They go into a copy of the teacher: the live one gets them only through the checkpoint's state dict,
-        after ``restore_teacher`` has verified their digest, so on a mismatch the model keeps its own weights.
-        """
-        scratch = deepcopy(self.model.teacher)
-        scratch.load_backbone_state_dict(teacher_state_dict(source.teacher, source.weights))
-        return scratch.backbone.state_dict()
-
-    def load_teacher_weights(self) -> None:
-        """Fetch and load the teacher's pretrained weights unless the teacher already holds them.
-
-        Runs when a stage starts, after any checkpoint restore, so that a checkpoint that holds the
-        teacher (the one a fit ends with) loads offline.
-        """
-        teacher = self.model.teacher
-        if not bool(teacher.weights_loaded):
-            teacher.load_backbone_state_dict(teacher_state_dict(self.teacher_name, self.teacher_weights))
+    def on_train_end(self) -> None:
+        """Report and release the teacher-feature cache; its disk part stays for later runs."""
+        self.training_features.close(self.global_rank)
 
     def _start_evaluation(self, stage: str) -> None:
         """Load the teacher's weights, then keep or open the evaluation-feature cache for ``stage``."""
@@ -399,93 +407,3 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         super().teardown(stage)
         if stage == "test":
             self.evaluation_features.close(self.global_rank)
-
-    def on_fit_start(self) -> None:
-        """Train the paper's 50 epochs unless an epoch count was given; load the teacher's weights."""
-        apply_paper_epochs(self.trainer)
-        self.load_teacher_weights()
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on nominal images only."""
-        return LearningType.ONE_CLASS
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Only ``max_epochs`` when the constructor was given one (without, see ``on_fit_start``)."""
-        return {} if self.max_epochs is None else {"max_epochs": self.max_epochs}
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over both students; the teacher is frozen.
-
-        On CPU and CUDA the fused implementation updates all parameters in one kernel, several
-        times faster than the default; with cached teacher features the update is a visible
-        part of a training step.
-        """
-        students = chain(self.model.forward_student.parameters(), self.model.backward_student.parameters())
-        return torch.optim.Adam(students, lr=self.lr, fused=self.device.type in {"cpu", "cuda"})
-
-    @property
-    def feature_identity(self) -> dict[str, Any]:
-        """Everything but the weights that shapes the teacher's features of an image (for the cache's key)."""
-        identity = {
-            **self.architecture,
-            "pre_processing": pre_processing_spec(self.pre_processor),
-            "teacher_precision": self.model.teacher_precision,
-        }
-        if self.tiling is not None:
-            identity["tiling"] = self.tiling.spec
-        return identity
-
-    def on_train_start(self) -> None:
-        """Open the teacher-feature cache once the teacher holds its weights (see ``feature_cache``)."""
-        note_batch_size(getattr(self.trainer.train_dataloader, "batch_size", None))
-        self.training_features.open(self.trainer, self.model.teacher, self.feature_identity)
-
-    def on_train_end(self) -> None:
-        """Report and release the teacher-feature cache; its disk part stays for later runs."""
-        self.training_features.close(self.global_rank)
-
-    def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
-        """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on)."""
-        del args, kwargs
-        images, tiles = training_input(self.pre_processor, batch.image)
-        shallow, deep = self.training_features.tokens(images, batch.image_path, self.model.teacher_features, tiles)
-        if batch_idx == 0:  # one check per epoch: NaN from a broken teacher must not train for 50 epochs
-            check_finite_features(
-                shallow,
-                deep,
-                images=images,
-                teacher=self.model.teacher,
-                teacher_precision=self.model.teacher_precision,
-                weights_source=self.teacher_weights or (self.teacher_name if self.pretrained else None),
-            )
-        loss = self.model.student_loss(shallow, deep)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
-        return {"loss": loss}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Anomaly maps (at the original size with ``full_resolution_maps``) and scores of evaluation images."""
-        del args, kwargs
-        return batch.update(**self._predict(batch.image, batch.image_path)._asdict())
-
-    test_step = predict_step = validation_step
-
-    def _predict(self, images: torch.Tensor, paths: Sequence[str] | None = None) -> InferenceBatch:
-        """Predictions for evaluation images as the steps receive them (after the pre-processor's hooks).
-
-        The teacher's tokens come from the evaluation-feature cache where it holds them (``paths``
-        name the images); ``forward``, the export path, never uses it.
-        """
-        model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
-        shallow, deep = self.evaluation_features.tokens(
-            model_input, paths, self.model.teacher_features, tiles_per_image(placement)
-        )
-        return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)
-
-    def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
-        """Pre-process, predict and post-process raw images, as exported models do."""
-        del args, kwargs
-        model_input, placement = evaluation_input(self.pre_processor, batch, pre_processed=False)
-        predictions = self.model(model_input, **placement)
-        return self.post_processor(predictions) if self.post_processor else predictions
