@@ -79,7 +79,8 @@ def test_predict_in_tiles_with_the_tiling_config(trained: Path, demo_root: Path,
     images = demo_root / "brick" / "test" / "stain"
     result = run_cli(
         ["predict", "--config", str(CONFIGS / "transformer_student_tiled.yaml"), *SMALL_MODEL_ARGS,
-         "--model.tile_size", "56", "--model.tile_overlap", "0", "--data", str(images), "--ckpt_path", str(trained),
+         "--model.tiling.tile_size", "56", "--model.tiling.tile_overlap", "0", "--data", str(images),
+         "--ckpt_path", str(trained),
          "--default_root_dir", str(tmp_path / "results")],
         cwd=tmp_path,
     )  # fmt: skip

@@ -40,7 +40,7 @@ COUNTS = {"train/good": 4, "validation/good": 6, "test_public/good": 2, "test_pu
 IMAGE_QUANTILE, PIXEL_QUANTILE = 0.5, 0.99
 POST_PROCESSOR = "anomalib_transformer_student.model.post_processing.QuantilePostProcessor"
 SMALL = ["--model.pretrained", "false", "--model.teacher", SMALL_TEACHER, "--model.image_size", str(SIZE),
-         "--model.tile_size", str(SIZE)]  # fmt: skip
+         "--model.tiling.tile_size", str(SIZE)]  # fmt: skip
 
 
 def _image(rng: np.random.Generator) -> np.ndarray:

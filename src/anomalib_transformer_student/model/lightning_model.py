@@ -13,7 +13,8 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,9 +30,11 @@ from ..training.evaluation_features import EvaluationFeatures
 from ..training.finite_features import FiniteFeaturesMixin
 from ..training.rng_state import RandomGeneratorState
 from ..training.schedule import PaperSchedule
+from ..training.settings import option_groups
 from ..training.teacher_checkpointing import TeacherCheckpointMixin
 from ..training.teacher_weights import weights_source
 from ..training.training_features import TrainingFeatures, pre_processing_spec
+from .anomaly_map import AnomalyMapSettings
 from .pre_processing import (
     OriginalSizePreProcessor,
     evaluation_input,
@@ -40,7 +43,7 @@ from .pre_processing import (
     training_input,
 )
 from .teacher import DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
-from .tiling import Tiling
+from .tiling import Tiling, TilingSettings
 from .torch_model import TransformerStudentModel
 
 if TYPE_CHECKING:
@@ -53,16 +56,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 1036
+PAPER_MAP = AnomalyMapSettings()
+NO_TILING = TilingSettings()
+# The option groups; their options had flat names (``tile_size``) up to 0.2, as those checkpoints hold them.
+GROUPS = {"anomaly_map": AnomalyMapSettings, "tiling": TilingSettings}
+# Options that left the constructor, and where they went.
+MOVED_OPTIONS = {
+    "skip_corrupt_images": "the DataChecks callback: give the trainer DataChecks(skip_corrupt_images=True) "
+    "(--trainer.callbacks+=anomalib_transformer_student.training.data_checks.DataChecks "
+    "--trainer.callbacks.skip_corrupt_images true)",
+}
 
 __all__ = ["TransformerStudent"]
 
 
-def _positive_count(name: str, value: int) -> int:
-    """``value`` if it is a positive integer, else a ``ValueError`` naming the setting."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"{name} must be a positive integer, got {value!r}; e.g. {name}=8."
-        raise ValueError(msg)
-    return value
+def grouped_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The option groups from ``options`` (groups as dataclasses or dicts, or legacy flat names), as dataclasses.
+
+    Raises:
+        TypeError: For a name that is neither a group nor one of their options (as Python does for unknown ones).
+    """
+    options = dict(options)
+    for name, destination in MOVED_OPTIONS.items():
+        if options.pop(name, False):
+            logger.warning("%s=True is ignored: the option moved to %s.", name, destination)
+    return option_groups(options, GROUPS)
 
 
 class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, TransformerStudentExportMixin, AnomalibModule):
@@ -95,13 +113,14 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
             size (14 for DINOv2, 16 for DINOv3), else construction fails naming the nearest valid sizes.
         lr: Adam learning rate of the students (the reference code uses 1e-4; the paper's text
             mentions 1e-3).
-        blur_kernel_sizes: Odd box-filter sizes of the map smoothing stages.
-        blur_repeats: How often each smoothing stage is applied.
-        topk_ratio: Fraction of map pixels whose mean is the image score.
         max_epochs: Epochs to train, imposed on the trainer (anomalib's benchmark pipeline gives
             the trainer no options). ``None`` (default) leaves the trainer's own setting
             (``--trainer.max_epochs``), and without one the paper's 50 epochs, not Lightning's
             1000 (see :mod:`~anomalib_transformer_student.training.schedule`).
+        anomaly_map: The map smoothing and the image score (:class:`AnomalyMapSettings`, or a dict of its
+            options: ``blur_kernel_sizes``, ``blur_repeats``, ``topk_ratio``); the paper's by default.
+        tiling: Inspect large images tile by tile (:class:`TilingSettings`, or a dict of its options:
+            ``tile_size``, ``tile_overlap``, ``tile_batch_size``); by default each image goes whole.
         feature_cache: Cache the teacher's features of each training image after the first
             epoch, so that later epochs run only the students. ``None`` (default) turns it on
             unless the datamodule applies train-time augmentation; ``True`` keeps it on even
@@ -134,31 +153,16 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
             validation, test, predict): on CUDA both; on CPUs ``"bfloat16"`` where the CPU has bf16
             units (AVX512_BF16 or AMX on x86, BF16 on Arm), else float32 with one warning. Exported
             graphs hold the float32 teacher; their runtime chooses the precision.
-        tile_size: Inspect large images tile by tile: the side of a tile in pixels of the original
-            image, each tile resized to ``image_size`` for the teacher (``tile_size == image_size``
-            is native resolution; larger tiles trade resolution for speed). A multiple of the
-            teacher's patch grid (``image_size / 14`` for DINOv2, e.g. 74 at 1036 px). Images that fit
-            in one tile go whole, as without tiling; the tiles' patch scores make one patch map of
-            the image, upsampled and smoothed once at full resolution (see
-            :mod:`~anomalib_transformer_student.model.tiling`). At most
-            ``MAX_TILES_PER_IMAGE`` (256) tiles per image. In training every tile of every image
-            trains the students (the teacher takes them ``tile_batch_size`` at a time). ``None``
-            (default) inspects each image whole. Needs the default pre-processor and
-            ``full_resolution_maps``.
-        tile_overlap: Pixels of the original image that neighbouring tiles share at least (rounded
-            up to whole patches); tiles are spread evenly to cover the image, so they often share
-            more. Where tiles overlap, their patch scores are averaged.
-        tile_batch_size: Most tiles the teacher takes at once in training and evaluation (a batch's
-            tiles run in chunks of this size): bounds the teacher's memory, and on CPUs keeps the
-            cost per tile that of a small batch. Exported graphs run all tiles of a batch at once.
-        skip_corrupt_images: Drop images (and masks) that cannot be decoded, with one warning
-            listing them, instead of stopping with ``CorruptImageError`` (every image and mask is
-            checked before a stage starts; see :class:`DataChecks`).
         pre_processor: Pre-processor, or ``True`` for square edge-pad, bicubic resize to
             ``image_size`` and ImageNet normalisation (:class:`OriginalSizePreProcessor`).
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
         visualizer: Visualizer, or ``True`` for anomalib's default.
+        **legacy: Options of earlier versions under their flat names (``tile_size``, ``topk_ratio``, ...), as
+            checkpoints written by them hold: moved into their groups (see :func:`grouped_options`).
+
+    Corrupt images stop a stage with ``CorruptImageError`` naming them; to skip them instead, give the trainer
+    ``DataChecks(skip_corrupt_images=True)`` (``--trainer.callbacks`` on the CLI, ``Engine(callbacks=[...])``).
 
     Example:
         >>> from anomalib_transformer_student import TransformerStudent
@@ -175,10 +179,9 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         layers: Sequence[int] | None = None,
         image_size: int = DEFAULT_IMAGE_SIZE,
         lr: float = 1e-4,
-        blur_kernel_sizes: Sequence[int] = (5, 7),
-        blur_repeats: Sequence[int] = (5, 3),
-        topk_ratio: float = 0.001,
         max_epochs: int | None = None,
+        anomaly_map: AnomalyMapSettings = PAPER_MAP,
+        tiling: TilingSettings = NO_TILING,
         feature_cache: bool | None = None,
         cache_dir: str | None = None,
         cache_dtype: Literal["float16", "float32"] = "float16",
@@ -186,15 +189,15 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         cache_disk_budget_mb: float = 20480.0,
         full_resolution_maps: bool = True,
         teacher_precision: Literal["float32", "float16", "bfloat16"] = "float32",
-        skip_corrupt_images: bool = False,
-        tile_size: int | None = None,
-        tile_overlap: int = 0,
-        tile_batch_size: int = 8,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        **legacy: Any,
     ) -> None:
+        # Groups as plain dicts, so that the hyper-parameters AnomalibModule saves load with weights_only=True.
+        groups = grouped_options({"anomaly_map": anomaly_map, "tiling": tiling, **legacy})
+        anomaly_map, tiling, legacy = asdict(groups["anomaly_map"]), asdict(groups["tiling"]), {}
         super().__init__(
             pre_processor=False if pre_processor is True else pre_processor,
             post_processor=post_processor,
@@ -205,7 +208,6 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         self.weights_source = weights_source(teacher, pretrained, teacher_weights)
         self.lr = lr
         self.max_epochs = max_epochs
-        self.skip_corrupt_images = skip_corrupt_images
         feature_extractor = TeacherFeatureExtractor(create_backbone(teacher), layers, image_size)
         if not pretrained:
             logger.warning(
@@ -213,14 +215,17 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
                 teacher,
             )
             feature_extractor.weights_loaded.fill_(True)
-        self.model = TransformerStudentModel(
-            feature_extractor, blur_kernel_sizes, blur_repeats, topk_ratio, teacher_precision=teacher_precision
+        geometry = groups["tiling"].geometry(
+            feature_extractor.image_size, feature_extractor.patch_size, pre_processor is True, full_resolution_maps
         )
-        tiling = self._tiling(tile_size, tile_overlap, pre_processor, full_resolution_maps)
-        if tiling is not None:
-            self.model.teacher_batch_size = _positive_count("tile_batch_size", tile_batch_size)
+        self.model = TransformerStudentModel(
+            feature_extractor,
+            **anomaly_map,
+            teacher_precision=teacher_precision,
+            teacher_batch_size=None if geometry is None else groups["tiling"].tile_batch_size,
+        )
         if pre_processor is True:
-            self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps, tiling)
+            self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps, geometry)
         elif full_resolution_maps and pre_processor is not False:
             logger.info(
                 "full_resolution_maps applies to the default pre-processor; with a custom one, maps come at the "
@@ -232,41 +237,6 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         self.evaluation_features = EvaluationFeatures(
             feature_cache, cache_dir, cache_memory_budget_mb, cache_disk_budget_mb
         )
-
-    def _tiling(
-        self, tile_size: int | None, tile_overlap: int, pre_processor: PreProcessor | bool, full_resolution_maps: bool
-    ) -> Tiling | None:
-        """The tiling that ``tile_size`` and ``tile_overlap`` ask for, checked against the other settings."""
-        if tile_size is None:
-            if tile_overlap:
-                msg = f"tile_overlap={tile_overlap} applies to tiles only: set tile_size too, or drop tile_overlap."
-                raise ValueError(msg)
-            return None
-        if pre_processor is not True:
-            msg = (
-                f"tile_size={tile_size} needs the model's own pre-processor, which tiles images at their original "
-                "size: drop the custom pre_processor, or drop tile_size."
-            )
-            raise ValueError(msg)
-        if not full_resolution_maps:
-            msg = (
-                f"tile_size={tile_size} returns maps at each image's own size: it needs full_resolution_maps=True "
-                "(the default)."
-            )
-            raise ValueError(msg)
-        teacher = self.model.teacher
-        tiling = Tiling(tile_size, tile_overlap, image_size=teacher.image_size, patch_size=teacher.patch_size)
-        logger.info(
-            "Images larger than %d x %d px are inspected in %d-px tiles, each resized to %d px for the teacher "
-            "(neighbours share at least %d px; at most %d tiles per image).",
-            tile_size,
-            tile_size,
-            tile_size,
-            teacher.image_size,
-            tiling.overlap,
-            tiling.max_tiles,
-        )
-        return tiling
 
     @property
     def tiling(self) -> Tiling | None:
@@ -296,14 +266,11 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         """Anomalib's component callbacks; checks of every image and mask; the paper's schedule; the RNG state.
 
         Lightning replaces a trainer's callbacks of these types by the module's, so the module's ``DataChecks``
-        adopts a trainer's ``skip_corrupt_images``: corrupt images are skipped when either asks for it. The
-        other two have no settings to lose.
+        adopts the ``skip_corrupt_images`` of one given to the trainer. The other two have no settings to lose.
         """
         teacher = self.model.teacher
         trainer_callbacks = self._trainer.callbacks if self._trainer is not None else []
-        skip = self.skip_corrupt_images or any(
-            isinstance(callback, DataChecks) and callback.skip_corrupt_images for callback in trainer_callbacks
-        )
+        skip = any(isinstance(callback, DataChecks) and callback.skip_corrupt_images for callback in trainer_callbacks)
         checks = DataChecks(skip, input_size=teacher.image_size, patch_size=teacher.patch_size, tiling=self.tiling)
         return [*super().configure_callbacks(), checks, PaperSchedule(), RandomGeneratorState()]
 

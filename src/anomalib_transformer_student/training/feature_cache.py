@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, NUMPY_DTYPES, SpillFile, claim_spill_name, folder_bytes
+from .dtypes import CACHE_DTYPES, NUMPY_DTYPES
+from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, SpillFile, claim_spill_name, folder_bytes
 
 logger = logging.getLogger(__name__)
 
-CACHE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
 # The teacher as the cache calls it: images -> (shallow, deep) tokens, each (B, N, D).
 Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dtypes import NUMPY_DTYPES
+
 try:
     import fcntl
 except ImportError:  # Windows: spill files are private to their process, see claim_spill_name
@@ -37,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 # Bump when anything that shapes the cached tokens, their keys or the file layout changes.
 CACHE_FORMAT_VERSION = 2
-NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib.pre_processing.utils.spec import transform_to_spec
 
+from .dtypes import CACHE_DTYPES
 from .feature_cache import (
-    CACHE_DTYPES,
     ImageKeys,
     Teacher,
     TeacherFeatureCache,
