@@ -96,11 +96,8 @@ def option_groups(options: Mapping[str, Any], groups: Mapping[str, type]) -> dic
     for name, kind in groups.items():
         group = settings_group(kind, unused.pop(name, None), name)
         defaults = kind()
-        flat = {
-            field.name: unused.pop(field.name)
-            for field in dataclasses.fields(kind)
-            if field.name in unused and getattr(group, field.name) == getattr(defaults, field.name)
-        }
+        flat = {field.name: unused.pop(field.name) for field in dataclasses.fields(kind) if field.name in unused}
+        flat = {key: value for key, value in flat.items() if getattr(group, key) == getattr(defaults, key)}
         built[name] = dataclasses.replace(group, **flat) if flat else group
     if unused:
         msg = f"unexpected option(s) {sorted(unused)}; the groups of options are {sorted(groups)}."
