@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="image sizes as HxW, comma-separated (default 1344x1344,2048x2448)",
     )
     parser.add_argument(
-        "--tile-batch-size", type=int, default=8, help="tiles the teacher takes at once (the model's tiling.tile_batch_size)"
+        "--tile-batch-size",
+        type=int,
+        default=8,
+        help="tiles the teacher takes at once (the model's tiling.tile_batch_size)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per measurement (the fastest is shown)")
