@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,7 +60,7 @@ PAPER_MAP = AnomalyMapSettings()
 NO_TILING = TilingSettings()
 # The option groups; their options had flat names (``tile_size``) up to 0.2, as those checkpoints hold them.
 GROUPS = {"anomaly_map": AnomalyMapSettings, "tiling": TilingSettings}
-# Options that left the constructor, and where they went.
+# Options that left the constructor (old checkpoints hold them), and where they went.
 MOVED_OPTIONS = {
     "skip_corrupt_images": "the DataChecks callback: give the trainer DataChecks(skip_corrupt_images=True) "
     "(--trainer.callbacks+=anomalib_transformer_student.training.data_checks.DataChecks "
@@ -68,19 +68,6 @@ MOVED_OPTIONS = {
 }
 
 __all__ = ["TransformerStudent"]
-
-
-def grouped_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The option groups from ``options`` (groups as dataclasses or dicts, or legacy flat names), as dataclasses.
-
-    Raises:
-        TypeError: For a name that is neither a group nor one of their options (as Python does for unknown ones).
-    """
-    options = dict(options)
-    for name, destination in MOVED_OPTIONS.items():
-        if options.pop(name, False):
-            logger.warning("%s=True is ignored: the option moved to %s.", name, destination)
-    return option_groups(options, GROUPS)
 
 
 class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, TransformerStudentExportMixin, AnomalibModule):
@@ -159,7 +146,7 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
         visualizer: Visualizer, or ``True`` for anomalib's default.
         **legacy: Options of earlier versions under their flat names (``tile_size``, ``topk_ratio``, ...), as
-            checkpoints written by them hold: moved into their groups (see :func:`grouped_options`).
+            checkpoints written by them hold: moved into their groups (see :data:`GROUPS`).
 
     Corrupt images stop a stage with ``CorruptImageError`` naming them; to skip them instead, give the trainer
     ``DataChecks(skip_corrupt_images=True)`` (``--trainer.callbacks`` on the CLI, ``Engine(callbacks=[...])``).
@@ -196,7 +183,7 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         **legacy: Any,
     ) -> None:
         # Groups as plain dicts, so that the hyper-parameters AnomalibModule saves load with weights_only=True.
-        groups = grouped_options({"anomaly_map": anomaly_map, "tiling": tiling, **legacy})
+        groups = option_groups({"anomaly_map": anomaly_map, "tiling": tiling, **legacy}, GROUPS, MOVED_OPTIONS)
         anomaly_map, tiling, legacy = asdict(groups["anomaly_map"]), asdict(groups["tiling"]), {}
         super().__init__(
             pre_processor=False if pre_processor is True else pre_processor,

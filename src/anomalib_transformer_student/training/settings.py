@@ -10,8 +10,9 @@ three steps (``TransformerStudent``'s ``anomaly_map`` and ``tiling`` show them):
 1. a frozen dataclass whose fields are the options, with defaults (checked in ``__post_init__``);
 2. a constructor argument of that type defaulting to a module-level instance, plus the group in the
    module's ``GROUPS`` (name -> dataclass);
-3. at the start of the constructor, ``option_groups({...the groups..., **legacy}, GROUPS)`` (``**legacy``:
-   the constructor's var-keyword argument, through which Lightning passes a checkpoint's old flat names),
+3. at the start of the constructor, ``option_groups({...the groups..., **legacy}, GROUPS, MOVED_OPTIONS)``
+   (``**legacy``: the constructor's var-keyword argument, through which Lightning passes a checkpoint's old
+   flat names),
    and each group rebound to ``dataclasses.asdict(group)`` before ``AnomalibModule.__init__`` saves the
    hyper-parameters, so that checkpoints hold plain data (``weights_only=True`` loads them).
 """
@@ -19,8 +20,11 @@ three steps (``TransformerStudent``'s ``anomaly_map`` and ``tiling`` show them):
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
 
 Group = TypeVar("Group")
 
@@ -73,12 +77,17 @@ def settings_group(kind: type[Group], value: Group | Mapping[str, Any] | None, n
     raise TypeError(msg)
 
 
-def option_groups(options: Mapping[str, Any], groups: Mapping[str, type]) -> dict[str, Any]:
+def option_groups(
+    options: Mapping[str, Any], groups: Mapping[str, type], moved: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Each group of ``groups`` (name -> dataclass) built from ``options``: the group's value and its flat names.
 
     A group's value is an instance, a dict or ``None`` (see :func:`settings_group`). Its options may also come
     under their flat names (the names of its fields), as checkpoints of versions before the group hold them:
     they fill the fields the group leaves at their defaults, so a value given in the group wins.
+
+    Options named in ``moved`` (name -> where it went) left the constructor: they are dropped, with a warning
+    saying where they went when set (to anything but ``False``/``None``), so that old checkpoints still load.
 
     Raises:
         TypeError: For a name in ``options`` that is neither a group nor one of their fields.
@@ -92,6 +101,9 @@ def option_groups(options: Mapping[str, Any], groups: Mapping[str, type]) -> dic
         {'tiles': Tiles(tile_size=518, tile_overlap=14)}
     """
     unused = dict(options)
+    for name, destination in (moved or {}).items():
+        if unused.pop(name, None) not in (None, False):
+            logger.warning("%s is ignored: the option moved to %s.", name, destination)
     built = {}
     for name, kind in groups.items():
         group = settings_group(kind, unused.pop(name, None), name)
