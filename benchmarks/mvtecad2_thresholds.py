@@ -182,7 +182,7 @@ def fit_and_test(root: Path, workdir: Path, args: argparse.Namespace) -> tuple[R
         teacher=args.teacher,
         pretrained=False,
         image_size=args.image_size,
-        tile_size=args.image_size,
+        tiling={"tile_size": args.image_size},
         lr=args.lr,
         cache_dir=str(workdir / "feature_cache"),
         evaluator=False,

@@ -88,7 +88,7 @@ def train_and_test(mode: str, root: Path, workdir: Path, args: argparse.Namespac
         teacher=args.teacher,
         pretrained=False,
         image_size=args.image_size,
-        tile_size=(args.tile_size or args.image_size) if mode == "tiled" else None,
+        tiling={"tile_size": (args.tile_size or args.image_size) if mode == "tiled" else None},
         cache_dir=str(workdir / "feature_cache"),
         evaluator=SizeEvaluator(),
         visualizer=False,

@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="image sizes as HxW, comma-separated (default 1344x1344,2048x2448)",
     )
     parser.add_argument(
-        "--tile-batch-size", type=int, default=8, help="tiles the teacher takes at once (the model's tile_batch_size)"
+        "--tile-batch-size",
+        type=int,
+        default=8,
+        help="tiles the teacher takes at once (the model's tiling.tile_batch_size)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--runs", type=int, default=3, help="timed forwards per measurement (the fastest is shown)")
@@ -63,7 +66,7 @@ def build_models(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Mo
 
     common = {"teacher": args.teacher, "pretrained": False, "image_size": args.image_size, "visualizer": False}
     whole = TransformerStudent(**common)
-    tiled = TransformerStudent(**common, tile_size=args.image_size, tile_batch_size=args.tile_batch_size)
+    tiled = TransformerStudent(**common, tiling={"tile_size": args.image_size, "tile_batch_size": args.tile_batch_size})
     tiled.model.load_state_dict(whole.model.state_dict())
     return whole.to(args.device).eval(), tiled.to(args.device).eval()
 

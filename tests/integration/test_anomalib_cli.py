@@ -79,7 +79,8 @@ def test_predict_in_tiles_with_the_tiling_config(trained: Path, demo_root: Path,
     images = demo_root / "brick" / "test" / "stain"
     result = run_cli(
         ["predict", "--config", str(CONFIGS / "transformer_student_tiled.yaml"), *SMALL_MODEL_ARGS,
-         "--model.tile_size", "56", "--model.tile_overlap", "0", "--data", str(images), "--ckpt_path", str(trained),
+         "--model.tiling.tile_size", "56", "--model.tiling.tile_overlap", "0", "--data", str(images),
+         "--ckpt_path", str(trained),
          "--default_root_dir", str(tmp_path / "results")],
         cwd=tmp_path,
     )  # fmt: skip
@@ -120,3 +121,28 @@ def test_models_listed_by_anomalib() -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "TransformerStudent" in listed.stdout
+
+
+def test_option_groups_on_the_command_line_and_in_print_config(demo_root: Path, tmp_path: Path) -> None:
+    """``--model.<group>.<option>`` sets one option of a group; ``--print_config`` shows the groups nested."""
+    result = run_cli(
+        ["fit", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, *data_args(demo_root),
+         "--model.tiling.tile_size", "112", "--model.anomaly_map.topk_ratio", "0.01", "--print_config"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    init_args = yaml.safe_load(result.stdout)["model"]["init_args"]
+    assert init_args["tiling"] == {"tile_size": 112, "tile_overlap": 0, "tile_batch_size": 8}
+    assert init_args["anomaly_map"] == {"blur_kernel_sizes": [5, 7], "blur_repeats": [5, 3], "topk_ratio": 0.01}
+    assert "tile_size" not in init_args and "skip_corrupt_images" not in init_args
+
+
+@pytest.mark.parametrize("config", ["transformer_student.yaml", "transformer_student_tiled.yaml", "mvtecad2.yaml"])
+def test_configs_set_the_groups(config: str, demo_root: Path, tmp_path: Path) -> None:
+    result = run_cli(["fit", "--config", str(CONFIGS / config), *data_args(demo_root), "--print_config"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    init_args = yaml.safe_load(result.stdout)["model"]["init_args"]
+    expected = yaml.safe_load((CONFIGS / config).read_text())["model"]["init_args"]
+    for group in ("tiling", "anomaly_map"):
+        for name, value in expected.get(group, {}).items():
+            assert init_args[group][name] == value, (group, name)

@@ -164,9 +164,9 @@ def test_skip_corrupt_images_warns_once_listing_every_skipped_file(
 ) -> None:
     bad = _break_training_images(root)
     datamodule = _datamodule(root)
-    engine = _engine(tmp_path)
+    engine = _engine(tmp_path, callbacks=[DataChecks(skip_corrupt_images=True)])
     with caplog.at_level(logging.WARNING, logger=CHECKS_LOGGER):
-        engine.fit(TransformerStudent(**MODEL_KWARGS, skip_corrupt_images=True), datamodule=datamodule)
+        engine.fit(TransformerStudent(**MODEL_KWARGS), datamodule=datamodule)
     warnings = [record.getMessage() for record in caplog.records if "Skipped" in record.getMessage()]
     assert len(warnings) == 1
     assert all(str(path) in warnings[0] for path in bad)
@@ -199,8 +199,8 @@ def test_an_image_over_pils_pixel_limit_is_not_called_corrupt_nor_skipped(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # refused above 40,000 px; the others are 112 x 112
     large = root / "brick" / "train" / "good" / "100_large.png"
     Image.new("RGB", (250, 250), (120, 80, 40)).save(large)
-    model = TransformerStudent(**MODEL_KWARGS, skip_corrupt_images=True)
-    engine = _engine(tmp_path)
+    model = TransformerStudent(**MODEL_KWARGS)
+    engine = _engine(tmp_path, callbacks=[DataChecks(skip_corrupt_images=True)])
 
     with pytest.raises(ImageTooLargeError) as error:
         engine.fit(model, datamodule=_datamodule(root))
@@ -311,7 +311,13 @@ def test_cli_trains_on_odd_images_and_skips_corrupt_ones(root: Path, tmp_path: P
     bad = _break_training_images(root)
     odd = _add_odd_images(root)
     output = _cli_fit(
-        root, tmp_path, "--model.skip_corrupt_images", "true", "--data.eval_batch_size", "1", subcommand="train"
+        root,
+        tmp_path,
+        "--trainer.callbacks+=anomalib_transformer_student.training.data_checks.DataChecks",
+        "--trainer.callbacks.skip_corrupt_images=true",
+        "--data.eval_batch_size",
+        "1",
+        subcommand="train",
     )
     assert output.startswith("exit 0"), output[-3000:]
     assert "Skipped 2 unreadable file(s) of the train set" in output
@@ -327,8 +333,8 @@ def test_predict_on_a_folder_names_or_skips_corrupt_images(root: Path, tmp_path:
     bad = _truncate(folder / "001.png")
     with pytest.raises(CorruptImageError, match=re.escape(str(bad))):
         _engine(tmp_path).predict(TransformerStudent(**MODEL_KWARGS), data_path=folder)
-    predictions = _engine(tmp_path).predict(
-        TransformerStudent(**MODEL_KWARGS, skip_corrupt_images=True), data_path=folder
+    predictions = _engine(tmp_path, callbacks=[DataChecks(skip_corrupt_images=True)]).predict(
+        TransformerStudent(**MODEL_KWARGS), data_path=folder
     )
     names = sorted(Path(item.image_path).name for batch in predictions for item in batch)
     assert names == ["000.png", "002.png"]

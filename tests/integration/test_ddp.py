@@ -27,7 +27,7 @@ def fit_with_two_processes(dataset: Path, workdir: Path, model: dict | None = No
         "fit",
         "--model", "TransformerStudent",
         *(f"--model.{name}={str(value).lower()}" for name, value in (model or MODEL).items()),
-        "--model.cache_dir", str(workdir / "cache"),
+        "--model.feature_cache.dir", str(workdir / "cache"),
         *data_args(dataset),
         "--data.train_batch_size", "2",
         "--trainer.max_epochs", "3",

@@ -40,7 +40,7 @@ COUNTS = {"train/good": 4, "validation/good": 6, "test_public/good": 2, "test_pu
 IMAGE_QUANTILE, PIXEL_QUANTILE = 0.5, 0.99
 POST_PROCESSOR = "anomalib_transformer_student.model.post_processing.QuantilePostProcessor"
 SMALL = ["--model.pretrained", "false", "--model.teacher", SMALL_TEACHER, "--model.image_size", str(SIZE),
-         "--model.tile_size", str(SIZE)]  # fmt: skip
+         "--model.tiling.tile_size", str(SIZE)]  # fmt: skip
 
 
 def _image(rng: np.random.Generator) -> np.ndarray:
@@ -101,7 +101,8 @@ def cli_run(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
          "--model.post_processor.init_args.image_quantile", str(IMAGE_QUANTILE),
          "--model.post_processor.init_args.pixel_quantile", str(PIXEL_QUANTILE),
          "--data.root", str(tree), "--data.num_workers", "0", "--data.train_batch_size", "2",
-         "--data.test_type", "private_mixed", "--trainer.max_epochs", "1", "--model.cache_dir", str(workdir / "cache"),
+         "--data.test_type", "private_mixed", "--trainer.max_epochs", "1",
+         "--model.feature_cache.dir", str(workdir / "cache"),
          "--default_root_dir", str(workdir / "results")],
         cwd=workdir,
     )  # fmt: skip
@@ -200,7 +201,8 @@ def test_config_and_evaluate_report_aupro_at_fpr_005_and_segf1(cli_run: Path, tr
     """MVTec AD 2's metrics on test_public: from `anomalib test --config` and from the evaluate command."""
     result = run_cli(
         ["test", "--config", str(CONFIG), *SMALL, "--data.root", str(tree), "--data.num_workers", "0",
-         "--data.test_type", "public", "--ckpt_path", str(cli_run), "--model.cache_dir", str(tmp_path / "cache"),
+         "--data.test_type", "public", "--ckpt_path", str(cli_run),
+         "--model.feature_cache.dir", str(tmp_path / "cache"),
          "--default_root_dir", str(tmp_path / "results")],
         cwd=tmp_path,
     )  # fmt: skip

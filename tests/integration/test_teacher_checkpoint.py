@@ -21,7 +21,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from safetensors.torch import save_file
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.model import lightning_model
+from anomalib_transformer_student.training import teacher_weights
 from anomalib_transformer_student.training.teacher_checkpoint import (
     TEACHER_KEY,
     TEACHER_PREFIX,
@@ -239,7 +239,7 @@ def test_a_checkpoint_naming_another_teacher_makes_the_model_fetch_nothing(
 
     model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=True, image_size=56, layers=(0, 1))
     checkpoint = _teacherless(model, TeacherSource("vit_giant_patch14_reg4_dinov2.lvd142m", None))
-    monkeypatch.setattr(lightning_model, "teacher_state_dict", never_fetch)
+    monkeypatch.setattr(teacher_weights, "teacher_state_dict", never_fetch)
 
     with pytest.raises(TeacherNotInCheckpointError, match=f"not this model's teacher '{SMALL_TEACHER}'"):
         model.on_load_checkpoint(checkpoint)

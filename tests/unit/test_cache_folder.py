@@ -75,7 +75,7 @@ def test_an_untrusted_folder_is_refused_unless_shared(tmp_path: Path, problem: s
     else:
         give_away(folder)
         expected = "belongs to another user"
-    with pytest.raises(CacheFolderError, match=rf"{expected}.*cache_dir.*cache_shared=True"):
+    with pytest.raises(CacheFolderError, match=rf"{expected}.*feature_cache.dir.*feature_cache.shared=True"):
         cache(folder)
     assert list(folder.iterdir()) == []  # nothing was written into it
     shared = cache(folder, shared=True)
@@ -98,7 +98,7 @@ def test_the_model_turns_caching_off_for_an_untrusted_folder_with_one_warning(
         features.open(trainer, "fit", "digest", {})  # a second start of the same run: no second warning
     assert features.cache is None
     (warning,) = caplog.records
-    assert str(folder) in warning.getMessage() and "cache_shared=True" in warning.getMessage()
+    assert str(folder) in warning.getMessage() and "feature_cache.shared=True" in warning.getMessage()
     images = torch.randn(2, 3, 4, 4)
     shallow, _ = features.tokens(images, ["x.png", "y.png"], lambda x: (x.flatten(2).mT, x.flatten(2).mT))
     torch.testing.assert_close(shallow, images.flatten(2).mT)

@@ -290,7 +290,7 @@ def test_the_disk_budget_bounds_the_spill_files(tmp_path: Path, caplog: pytest.L
     (warning,) = caplog.records
     assert f"disk budget of {budget_mb:g} MB is reached" in warning.getMessage()
     assert str(cache.folder) in warning.getMessage()
-    assert "cache_disk_budget_mb" in warning.getMessage()
+    assert "feature_cache.disk_budget_mb" in warning.getMessage()
     assert f"MB on disk in {cache.folder} (budget {budget_mb:g} MB for {tmp_path})" in cache.summary()
     cache.close()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
-from anomalib_transformer_student.training import teacher_checkpoint
+from anomalib_transformer_student.training import teacher_checkpoint, teacher_weights
 from anomalib_transformer_student.training.teacher_checkpoint import (
     TEACHER_KEY,
     TeacherNotInCheckpointError,
@@ -55,9 +55,9 @@ def test_only_the_last_save_of_a_running_fit_is_final() -> None:
 
 
 def test_timm_weights_are_a_source_only_when_cached(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(teacher_checkpoint, "is_cached", lambda name: False)
+    monkeypatch.setattr(teacher_weights, "is_cached", lambda name: False)
     assert teacher_source(TEACHER, pretrained=True, weights=None) is None
-    monkeypatch.setattr(teacher_checkpoint, "is_cached", lambda name: True)
+    monkeypatch.setattr(teacher_weights, "is_cached", lambda name: True)
     assert teacher_source(TEACHER, pretrained=True, weights=None) == TeacherSource(TEACHER, None)
     assert teacher_source(TEACHER, pretrained=False, weights=None) is None
 

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help=f"The cache folder (the model's cache_dir); default {default_cache_dir()}.",
+        help=f"The cache folder (the model's feature_cache.dir); default {default_cache_dir()}.",
     )
     parser.add_argument(
         "--older-than",
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shared",
         action="store_true",
-        help="The folder is shared by a group of users or nodes (the model's cache_shared).",
+        help="The folder is shared by a group of users or nodes (the model's feature_cache.shared).",
     )
 
 

@@ -6,7 +6,7 @@ Everything is generated offline and reproducibly from a seed.
 
 :func:`generate_large_image_dataset` writes large images (1344 px by default) of the textures at their
 native scale, mirror-tiled, with only tiny spots (a few pixels across) as defects: the case that tiling
-(``TransformerStudent(tile_size=...)``) is for, where resizing the whole image would shrink a spot below
+(``TransformerStudent(tiling={"tile_size": ...})``) is for, where resizing the whole image would shrink a spot below
 one pixel.
 
 Layout (as anomalib's ``MVTecAD`` datamodule expects)::

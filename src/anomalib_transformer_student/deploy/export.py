@@ -77,8 +77,8 @@ def check_input_size(
     if input_size is None:
         if tiled:
             msg = (
-                "A tiled TransformerStudent (tile_size set) exports for one image size, since the number of tiles "
-                'follows it: pass input_size=(height, width) (CLI: --input_size "[2048,2448]"), the size of the '
+                "A tiled TransformerStudent (tiling.tile_size set) exports for one image size, since the number of "
+                'tiles follows it: pass input_size=(height, width) (CLI: --input_size "[2048,2448]"), the size of the '
                 "images the deployed model receives."
             )
             raise ValueError(msg)

@@ -6,6 +6,7 @@ Pure tensor maths whose shapes follow the input's, so that it exports to ONNX/Op
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
@@ -115,6 +116,35 @@ def top_k_count(height: int, width: int, ratio: float) -> int:
         return max(1, int(height * width * ratio))
     fraction = Fraction(repr(ratio)).limit_denominator(RATIO_DENOMINATOR_LIMIT)
     return torch.sym_max(1, height * width * fraction.numerator // fraction.denominator)
+
+
+@dataclass(frozen=True)
+class AnomalyMapSettings:
+    """How patch discrepancies become a map and a score (``TransformerStudent``'s ``anomaly_map``).
+
+    The defaults are the paper's. On the anomalib CLI ``--model.anomaly_map.topk_ratio 0.01``; in YAML
+    ``anomaly_map: {topk_ratio: 0.01}``; in Python ``anomaly_map=AnomalyMapSettings(topk_ratio=0.01)`` or
+    ``anomaly_map={"topk_ratio": 0.01}``. Checked by :class:`AnomalyMapGenerator`.
+
+    Args:
+        blur_kernel_sizes: Odd box-filter sizes of the map smoothing stages.
+        blur_repeats: How often each smoothing stage is applied.
+        topk_ratio: Fraction of map pixels whose mean is the image score.
+
+    Example:
+        >>> from dataclasses import asdict
+        >>> AnomalyMapGenerator(**asdict(AnomalyMapSettings(topk_ratio=0.01))).topk_ratio
+        0.01
+    """
+
+    blur_kernel_sizes: tuple[int, ...] = (5, 7)
+    blur_repeats: tuple[int, ...] = (5, 3)
+    topk_ratio: float = 0.001
+
+    def __post_init__(self) -> None:
+        # Lists from YAML or a checkpoint compare equal to the defaults.
+        object.__setattr__(self, "blur_kernel_sizes", tuple(self.blur_kernel_sizes))
+        object.__setattr__(self, "blur_repeats", tuple(self.blur_repeats))
 
 
 class AnomalyMapGenerator(nn.Module):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from copy import deepcopy
+from dataclasses import asdict
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,25 +23,18 @@ from anomalib import LearningType
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 
 from ..deploy.export import TransformerStudentExportMixin
-from ..training.checkpoint_compat import check_checkpoint_compatible, record_architecture, use_current_evaluator
 from ..training.data_checks import DataChecks
-from ..training.feature_caching import FeatureCaching
-from ..training.finite_features import check_finite_features
-from ..training.rng_state import capture_rng_state, restore_rng_state
-from ..training.schedule import apply_paper_epochs, note_batch_size
-from ..training.teacher_checkpoint import (
-    TeacherSource,
-    is_final_checkpoint,
-    omit_teacher,
-    restore_teacher,
-    teacher_source,
-)
+from ..training.feature_caching import FeatureCacheSettings, FeatureCaching
+from ..training.finite_features import FiniteFeaturesMixin
+from ..training.rng_state import RandomGeneratorState
+from ..training.schedule import PaperSchedule
+from ..training.settings import option_groups
+from ..training.teacher_checkpointing import TeacherCheckpointMixin
 from ..training.teacher_features import pre_processing_spec
-from ..training.teacher_weights import teacher_state_dict
-from ..training.weights_digest import DigestMemo
+from ..training.teacher_weights import weights_source
+from .anomaly_map import AnomalyMapSettings
 from .pre_processing import (
     OriginalSizePreProcessor,
     evaluation_input,
@@ -50,7 +43,7 @@ from .pre_processing import (
     training_input,
 )
 from .teacher import DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
-from .tiling import Tiling, chunks
+from .tiling import Tiling, TilingSettings, chunks
 from .torch_model import TransformerStudentModel
 
 if TYPE_CHECKING:
@@ -63,19 +56,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 1036
+PAPER_MAP = AnomalyMapSettings()
+NO_TILING = TilingSettings()
+DEFAULT_CACHE = FeatureCacheSettings()
+# The option groups; their options had flat names (``tile_size``) up to 0.2, as those checkpoints hold them
+# (``feature_cache``'s flat names are mapped by FeatureCacheSettings.from_options).
+GROUPS = {"anomaly_map": AnomalyMapSettings, "tiling": TilingSettings}
+# Options that left the constructor (old checkpoints hold them), and where they went.
+MOVED_OPTIONS = {
+    "skip_corrupt_images": "the DataChecks callback: give the trainer DataChecks(skip_corrupt_images=True) "
+    "(--trainer.callbacks+=anomalib_transformer_student.training.data_checks.DataChecks "
+    "--trainer.callbacks.skip_corrupt_images true)",
+}
 
 __all__ = ["TransformerStudent"]
 
 
-def _positive_count(name: str, value: int) -> int:
-    """``value`` if it is a positive integer, else a ``ValueError`` naming the setting."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        msg = f"{name} must be a positive integer, got {value!r}; e.g. {name}=8."
-        raise ValueError(msg)
-    return value
-
-
-class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
+class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, TransformerStudentExportMixin, AnomalibModule):
     """Learning to Be a Transformer to Pinpoint Anomalies (Costanzino et al., IEEE Access 2025).
 
     A frozen DINOv2 ViT (the teacher) yields patch tokens at two depths; two shallow MLPs (the
@@ -105,43 +102,19 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             size (14 for DINOv2, 16 for DINOv3), else construction fails naming the nearest valid sizes.
         lr: Adam learning rate of the students (the reference code uses 1e-4; the paper's text
             mentions 1e-3).
-        blur_kernel_sizes: Odd box-filter sizes of the map smoothing stages.
-        blur_repeats: How often each smoothing stage is applied.
-        topk_ratio: Fraction of map pixels whose mean is the image score.
         max_epochs: Epochs to train, imposed on the trainer (anomalib's benchmark pipeline gives
             the trainer no options). ``None`` (default) leaves the trainer's own setting
             (``--trainer.max_epochs``), and without one the paper's 50 epochs, not Lightning's
             1000 (see :mod:`~anomalib_transformer_student.training.schedule`).
-        feature_cache: Cache the teacher's features of each training image after the first
-            epoch, so that later epochs run only the students. ``None`` (default) turns it on
-            unless the datamodule applies train-time augmentation; ``True`` keeps it on even
-            then (each image's features come from its first augmented version). The same switch
-            governs the evaluation-feature cache: each validation and test image's features
-            (float32, exact) come from its first validation and serve every later validation of
-            the fit and the test after it (see
-            :mod:`~anomalib_transformer_student.training.teacher_features`); ``None`` leaves
-            it on unless the evaluation images themselves are augmented; ``False`` turns both
-            off. Predict is never cached.
-        cache_dir: Folder of the cache's disk part (entries beyond the memory budget);
-            default ``~/.cache/anomalib_transformer_student/teacher_features``, made private to
-            the user (0700, files 0600). A folder that cannot be used (not writable, a full disk,
-            another user's or writable by others without ``cache_shared``) turns caching off for
-            the run with one warning naming it; training goes on with the same results.
-        cache_dtype: Storage dtype of cached features: ``"float16"`` (default, half the
-            memory) or ``"float32"`` (exact).
-        cache_memory_budget_mb: Memory for cached features per process; beyond it they go to
-            a file in ``cache_dir``, which later runs with the same teacher, weights, layers,
-            image size and pre-processing reuse. ``0`` keeps all on disk.
-        cache_disk_budget_mb: Disk for the whole ``cache_dir`` (default 20 GiB): every teacher,
-            weights, layers, image size and pre-processing, all categories and processes together.
-            When an image needs room, the features used least recently by no running process are
-            evicted; beyond it further images are not cached (one warning naming the folder). A full
-            disk does not stop training either: caching stops, with one warning. See and clear the
-            cache with ``transformer-student cache list`` and ``transformer-student cache clear``.
-        cache_shared: ``cache_dir`` is shared by a group of users or by several nodes: accept
-            folders and files of other users and make new ones group-writable (2770, 0660) instead
-            of private. Symbolic links are never followed and every file read is checked, shared
-            or not.
+        anomaly_map: The map smoothing and the image score (:class:`AnomalyMapSettings`, or a dict of its
+            options: ``blur_kernel_sizes``, ``blur_repeats``, ``topk_ratio``); the paper's by default.
+        tiling: Inspect large images tile by tile (:class:`TilingSettings`, or a dict of its options:
+            ``tile_size``, ``tile_overlap``, ``tile_batch_size``); by default each image goes whole.
+        feature_cache: The teacher-feature caches (:class:`FeatureCacheSettings`, a dict of its options:
+            ``enabled``, ``dir``, ``dtype``, ``memory_budget_mb``, ``disk_budget_mb``, ``shared``, or a bool
+            for ``enabled``). By default on: each training image's teacher features come from its first epoch
+            and each evaluation image's (float32, exact) from its first validation, on disk beyond 4 GiB of
+            memory; off for a stage whose images are augmented. Predict is never cached.
         full_resolution_maps: At validation, test and predict, return each anomaly map at its
             image's original size (upsampled to the square-padded original size, padding
             cropped away), with ``gt_mask`` left at full resolution, as the paper evaluates.
@@ -152,36 +125,16 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
             validation, test, predict): on CUDA both; on CPUs ``"bfloat16"`` where the CPU has bf16
             units (AVX512_BF16 or AMX on x86, BF16 on Arm), else float32 with one warning. Exported
             graphs hold the float32 teacher; their runtime chooses the precision.
-        tile_size: Inspect large images tile by tile: the side of a tile in pixels of the original
-            image, each tile resized to ``image_size`` for the teacher (``tile_size == image_size``
-            is native resolution; larger tiles trade resolution for speed). A multiple of the
-            teacher's patch grid (``image_size / 14`` for DINOv2, e.g. 74 at 1036 px). Images that fit
-            in one tile go whole, as without tiling; the tiles' patch scores make one patch map of
-            the image, upsampled and smoothed once at full resolution (see
-            :mod:`~anomalib_transformer_student.model.tiling`). At most
-            ``MAX_TILES_PER_IMAGE`` (256) tiles per image. In training every tile of every image
-            trains the students (the teacher takes them ``tile_batch_size`` at a time). ``None``
-            (default) inspects each image whole. Needs the default pre-processor and
-            ``full_resolution_maps``.
-        tile_overlap: Pixels of the original image that neighbouring tiles share at least (rounded
-            up to whole patches); tiles are spread evenly to cover the image, so they often share
-            more. Where tiles overlap, their patch scores are averaged.
-        tile_batch_size: Most tiles the teacher and the students take at once in training and
-            evaluation (a batch's tiles run in chunks of this size): bounds the memory of the tiles'
-            tokens, whatever the number of tiles per image and the batch size, and on CPUs keeps the
-            cost per tile that of a small batch. Evaluation keeps only each chunk's patch scores;
-            training backpropagates each chunk's share of the loss and steps the optimiser once per
-            batch (Lightning's manual optimisation), the same step as over all tiles at once, so the
-            trainer's ``gradient_clip_val`` and ``accumulate_grad_batches`` are refused with tiling.
-            Exported graphs run all tiles of a batch at once.
-        skip_corrupt_images: Drop images (and masks) that cannot be decoded, with one warning
-            listing them, instead of stopping with ``CorruptImageError`` (every image and mask is
-            checked before a stage starts; see :class:`DataChecks`).
         pre_processor: Pre-processor, or ``True`` for square edge-pad, bicubic resize to
             ``image_size`` and ImageNet normalisation (:class:`OriginalSizePreProcessor`).
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
         visualizer: Visualizer, or ``True`` for anomalib's default.
+        **legacy: Options of earlier versions under their flat names (``tile_size``, ``topk_ratio``, ...), as
+            checkpoints written by them hold: moved into their groups (see :data:`GROUPS`).
+
+    Corrupt images stop a stage with ``CorruptImageError`` naming them; to skip them instead, give the trainer
+    ``DataChecks(skip_corrupt_images=True)`` (``--trainer.callbacks`` on the CLI, ``Engine(callbacks=[...])``).
 
     Example:
         >>> from anomalib_transformer_student import TransformerStudent
@@ -198,42 +151,33 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         layers: Sequence[int] | None = None,
         image_size: int = DEFAULT_IMAGE_SIZE,
         lr: float = 1e-4,
-        blur_kernel_sizes: Sequence[int] = (5, 7),
-        blur_repeats: Sequence[int] = (5, 3),
-        topk_ratio: float = 0.001,
         max_epochs: int | None = None,
-        feature_cache: bool | None = None,
-        cache_dir: str | None = None,
-        cache_dtype: Literal["float16", "float32"] = "float16",
-        cache_memory_budget_mb: float = 4096.0,
-        cache_disk_budget_mb: float = 20480.0,
-        cache_shared: bool = False,
+        anomaly_map: AnomalyMapSettings = PAPER_MAP,
+        tiling: TilingSettings = NO_TILING,
+        feature_cache: FeatureCacheSettings | bool | None = DEFAULT_CACHE,
         full_resolution_maps: bool = True,
         teacher_precision: Literal["float32", "float16", "bfloat16"] = "float32",
-        skip_corrupt_images: bool = False,
-        tile_size: int | None = None,
-        tile_overlap: int = 0,
-        tile_batch_size: int = 8,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        **legacy: Any,
     ) -> None:
+        # Groups as plain dicts, so that the hyper-parameters AnomalibModule saves load with weights_only=True.
+        cache = FeatureCacheSettings.from_options(feature_cache, legacy)
+        feature_cache = asdict(cache)
+        groups = option_groups({"anomaly_map": anomaly_map, "tiling": tiling, **legacy}, GROUPS, MOVED_OPTIONS)
+        anomaly_map, tiling, legacy = asdict(groups["anomaly_map"]), asdict(groups["tiling"]), {}
         super().__init__(
             pre_processor=False if pre_processor is True else pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if teacher_weights is not None and not pretrained:
-            msg = f"teacher_weights='{teacher_weights}' conflicts with pretrained=False; drop one of them."
-            raise ValueError(msg)
         self.teacher_name = teacher
-        self.pretrained = pretrained
-        self.teacher_weights = None if teacher_weights is None else str(teacher_weights)
+        self.weights_source = weights_source(teacher, pretrained, teacher_weights)
         self.lr = lr
         self.max_epochs = max_epochs
-        self.skip_corrupt_images = skip_corrupt_images
         feature_extractor = TeacherFeatureExtractor(create_backbone(teacher), layers, image_size)
         if not pretrained:
             logger.warning(
@@ -241,71 +185,35 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
                 teacher,
             )
             feature_extractor.weights_loaded.fill_(True)
-        self.model = TransformerStudentModel(
-            feature_extractor, blur_kernel_sizes, blur_repeats, topk_ratio, teacher_precision=teacher_precision
+        geometry = groups["tiling"].geometry(
+            feature_extractor.image_size, feature_extractor.patch_size, pre_processor is True, full_resolution_maps
         )
-        tiling = self._tiling(tile_size, tile_overlap, pre_processor, full_resolution_maps)
-        if tiling is not None:
-            self.model.teacher_batch_size = _positive_count("tile_batch_size", tile_batch_size)
-            self.automatic_optimization = False  # training steps chunk by chunk (see ``training_step``)
+        self.model = TransformerStudentModel(
+            feature_extractor,
+            **anomaly_map,
+            teacher_precision=teacher_precision,
+            teacher_batch_size=None if geometry is None else groups["tiling"].tile_batch_size,
+        )
         if pre_processor is True:
-            self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps, tiling)
+            self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps, geometry)
         elif full_resolution_maps and pre_processor is not False:
             logger.info(
                 "full_resolution_maps applies to the default pre-processor; with a custom one, maps come at the "
                 "size the pre-processor gives, in evaluation and in exported models alike."
             )
-        # The frozen teacher's digest (cache fingerprints, checkpoints that leave the teacher out): hashed once.
-        self._teacher_digest_memo = DigestMemo()
-        self.feature_caching = FeatureCaching(
-            feature_cache,
-            cache_dir,
-            cache_dtype,
-            cache_memory_budget_mb,
-            cache_disk_budget_mb,
-            cache_shared,
-            memo=self._teacher_digest_memo,
-        )
-
-    def _tiling(
-        self, tile_size: int | None, tile_overlap: int, pre_processor: PreProcessor | bool, full_resolution_maps: bool
-    ) -> Tiling | None:
-        """The tiling that ``tile_size`` and ``tile_overlap`` ask for, checked against the other settings."""
-        if tile_size is None:
-            if tile_overlap:
-                msg = f"tile_overlap={tile_overlap} applies to tiles only: set tile_size too, or drop tile_overlap."
-                raise ValueError(msg)
-            return None
-        if pre_processor is not True:
-            msg = (
-                f"tile_size={tile_size} needs the model's own pre-processor, which tiles images at their original "
-                "size: drop the custom pre_processor, or drop tile_size."
-            )
-            raise ValueError(msg)
-        if not full_resolution_maps:
-            msg = (
-                f"tile_size={tile_size} returns maps at each image's own size: it needs full_resolution_maps=True "
-                "(the default)."
-            )
-            raise ValueError(msg)
-        teacher = self.model.teacher
-        tiling = Tiling(tile_size, tile_overlap, image_size=teacher.image_size, patch_size=teacher.patch_size)
-        logger.info(
-            "Images larger than %d x %d px are inspected in %d-px tiles, each resized to %d px for the teacher "
-            "(neighbours share at least %d px; at most %d tiles per image).",
-            tile_size,
-            tile_size,
-            tile_size,
-            teacher.image_size,
-            tiling.overlap,
-            tiling.max_tiles,
-        )
-        return tiling
+        if geometry is not None:  # tiles step chunk by chunk (see training_step)
+            self.automatic_optimization = False
+        self.feature_caching = FeatureCaching(cache, memo=self.teacher_digest_memo)
 
     @property
     def tiling(self) -> Tiling | None:
         """The tiling of large images, or ``None`` when each image is inspected whole."""
         return getattr(self.pre_processor, "tiling", None)
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: trained on nominal images only."""
+        return LearningType.ONE_CLASS
 
     @classmethod
     def configure_pre_processor(
@@ -322,87 +230,16 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         )
 
     def configure_callbacks(self) -> list[Callback]:
-        """Anomalib's component callbacks, plus DataChecks of every image and mask before a stage starts.
+        """Anomalib's component callbacks; checks of every image and mask; the paper's schedule; the RNG state.
 
-        Lightning replaces a trainer's ``DataChecks`` by the module's, so the module's adopts its
-        ``skip_corrupt_images``: corrupt images are skipped when either asks for it.
+        Lightning replaces a trainer's callbacks of these types by the module's, so the module's ``DataChecks``
+        adopts the ``skip_corrupt_images`` of one given to the trainer. The other two have no settings to lose.
         """
         teacher = self.model.teacher
         trainer_callbacks = self._trainer.callbacks if self._trainer is not None else []
-        skip = self.skip_corrupt_images or any(
-            isinstance(callback, DataChecks) and callback.skip_corrupt_images for callback in trainer_callbacks
-        )
+        skip = any(isinstance(callback, DataChecks) and callback.skip_corrupt_images for callback in trainer_callbacks)
         checks = DataChecks(skip, input_size=teacher.image_size, patch_size=teacher.patch_size, tiling=self.tiling)
-        return [*super().configure_callbacks(), checks, self.feature_caching]
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        """What the saved weights mean: the teacher's name, its two blocks (non-negative) and the input size."""
-        teacher = self.model.teacher
-        return {"teacher": self.teacher_name, "layers": list(teacher.layers), "image_size": teacher.image_size}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also record the architecture (checked on load) and the random generators' state (restored on resume).
-
-        Before the last epoch of a fit, leave the frozen teacher out when its weights can be fetched again
-        (see :mod:`~anomalib_transformer_student.training.teacher_checkpoint`).
-        """
-        super().on_save_checkpoint(checkpoint)
-        record_architecture(checkpoint, self.architecture)
-        checkpoint["rng_state"] = capture_rng_state()
-        if not is_final_checkpoint(self._trainer):
-            source = teacher_source(self.teacher_name, self.pretrained, self.teacher_weights)
-            if source is not None:
-                omit_teacher(checkpoint, source, memo=self._teacher_digest_memo)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Prepare a checkpoint before its state dict loads.
-
-        Refuse one of another teacher, layers or size; keep this model's metrics (evaluator); fetch the
-        teacher's weights again for a checkpoint written without them (verified by digest); when resuming a
-        fit, restore the random generators.
-        """
-        check_checkpoint_compatible(checkpoint, self.architecture, self.model.teacher.depth)
-        use_current_evaluator(checkpoint, self.evaluator)
-        restore_teacher(checkpoint, self._reload_teacher, self.teacher_weights, teacher=self.teacher_name)
-        super().on_load_checkpoint(checkpoint)
-        if "rng_state" in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            restore_rng_state(checkpoint["rng_state"])
-
-    def _reload_teacher(self, source: TeacherSource) -> dict[str, torch.Tensor]:
-        """The backbone's state with the weights of ``source`` (a checkpoint left them out), adapted as loading does.
-
-        They go into a copy of the teacher: the live one gets them only through the checkpoint's state dict,
-        after ``restore_teacher`` has verified their digest, so on a mismatch the model keeps its own weights.
-        """
-        scratch = deepcopy(self.model.teacher)
-        scratch.load_backbone_state_dict(teacher_state_dict(source.teacher, source.weights))
-        return scratch.backbone.state_dict()
-
-    def load_teacher_weights(self) -> None:
-        """Fetch and load the teacher's pretrained weights unless the teacher already holds them.
-
-        Runs when a stage starts, after any checkpoint restore, so that a checkpoint that holds the
-        teacher (the one a fit ends with) loads offline.
-        """
-        teacher = self.model.teacher
-        if not bool(teacher.weights_loaded):
-            teacher.load_backbone_state_dict(teacher_state_dict(self.teacher_name, self.teacher_weights))
-
-    def on_fit_start(self) -> None:
-        """Train the paper's 50 epochs unless an epoch count was given; load the teacher's weights."""
-        apply_paper_epochs(self.trainer)
-        self.load_teacher_weights()
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on nominal images only."""
-        return LearningType.ONE_CLASS
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Only ``max_epochs`` when the constructor was given one (without, see ``on_fit_start``)."""
-        return {} if self.max_epochs is None else {"max_epochs": self.max_epochs}
+        return [*super().configure_callbacks(), checks, PaperSchedule(), RandomGeneratorState(), self.feature_caching]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over both students; the teacher is frozen.
@@ -415,44 +252,29 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         return torch.optim.Adam(students, lr=self.lr, fused=self.device.type in {"cpu", "cuda"})
 
     @property
-    def feature_identity(self) -> dict[str, Any]:
-        """Everything but the weights that shapes the teacher's features of an image (for the cache's key)."""
-        identity = {
-            **self.architecture,
-            "pre_processing": pre_processing_spec(self.pre_processor),
-            "teacher_precision": self.model.teacher_precision,
-            "keep_original_size": getattr(self.pre_processor, "keep_original_size", None),
-        }
-        if self.tiling is not None:
-            identity["tiling"] = self.tiling.spec
-        return identity
-
-    def on_train_start(self) -> None:
-        """Note the batch size against the paper's (see :mod:`~anomalib_transformer_student.training.schedule`)."""
-        note_batch_size(getattr(self.trainer.train_dataloader, "batch_size", None))
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Only ``max_epochs`` when the constructor was given one (without, see :class:`PaperSchedule`)."""
+        return {} if self.max_epochs is None else {"max_epochs": self.max_epochs}
 
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
         """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on).
 
-        With tiling, the batch's tiles pass through teacher and students ``tile_batch_size`` at a time
-        (Lightning's manual optimisation): each chunk's loss, weighted by its share of the tiles, is
-        backpropagated at once, and one optimiser step follows. The step and the logged loss are those of
-        the whole batch's loss (a mean over tokens, the same number per tile), while only one chunk's tokens
-        are alive at a time.
+        With tiling, the tiles pass through teacher and students ``tile_batch_size`` at a time (manual
+        optimisation): each chunk's loss, weighted by its share of the tiles, is backpropagated, then one
+        optimiser step: the step of one loss over all tiles, with one chunk's tokens alive at a time.
         """
         del args, kwargs
         images, tiles = training_input(self.pre_processor, batch.image)
-        check = batch_idx == 0  # one check per epoch: NaN from a broken teacher must not train for 50 epochs
         if self.automatic_optimization:
-            loss = self._student_loss(images, batch.image_path, tiles, check=check)
+            loss = self._student_loss(batch_idx, images, batch.image_path, tiles)
         else:
             optimizer = self.optimizers()
             optimizer.zero_grad()
             loss = images.new_zeros(())
             for part in chunks(len(images), self.model.teacher_batch_size):
-                share = len(part) / len(images)
-                part_loss = share * self._student_loss(
-                    images[part.start : part.stop], batch.image_path, tiles, check, part
+                chunk = images[part.start : part.stop]
+                part_loss = (
+                    len(part) / len(images) * self._student_loss(batch_idx, chunk, batch.image_path, tiles, part)
                 )
                 self.manual_backward(part_loss)
                 loss += part_loss.detach()
@@ -461,26 +283,12 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         return {"loss": loss}
 
     def _student_loss(
-        self,
-        images: torch.Tensor,
-        paths: Sequence[str] | None,
-        tiles_per_image: int,
-        check: bool,
-        part: range | None = None,
+        self, batch_idx: int, images: torch.Tensor, paths: Sequence[str] | None, tiles: int, part: range | None = None
     ) -> torch.Tensor:
         """The students' loss on ``images``: the batch's entries (tiles) ``part``, or all of them."""
-        shallow, deep = self.feature_caching.training.tokens(
-            images, paths, self.model.teacher_features, tiles_per_image, part
-        )
-        if check:
-            check_finite_features(
-                shallow,
-                deep,
-                images=images,
-                teacher=self.model.teacher,
-                teacher_precision=self.model.teacher_precision,
-                weights_source=self.teacher_weights or (self.teacher_name if self.pretrained else None),
-            )
+        teacher = self.model.teacher_features
+        shallow, deep = self.feature_caching.training.tokens(images, paths, teacher, tiles, part)
+        self.check_features(batch_idx, shallow, deep, images)  # NaN from a broken teacher must not train 50 epochs
         return self.model.student_loss(shallow, deep)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
@@ -497,20 +305,17 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         name the images); ``forward``, the export path, never uses it.
         """
         model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
+        features, teacher = self.feature_caching.evaluation, self.model.teacher_features
         layout = placement.get("layout")
         if layout is not None:  # tiles chunk by chunk: only one chunk's tokens alive, only the scores kept
             scores = [
                 self.model.patch_scores(
-                    *self.feature_caching.evaluation.tokens(
-                        model_input[part.start : part.stop], paths, self.model.teacher_features, layout.count, part
-                    )
+                    *features.tokens(model_input[part.start : part.stop], paths, teacher, layout.count, part)
                 )
                 for part in chunks(len(model_input), self.model.teacher_batch_size)
             ]
             return self.model.predict_tiled(torch.cat(scores), layout)
-        shallow, deep = self.feature_caching.evaluation.tokens(
-            model_input, paths, self.model.teacher_features, tiles_per_image(placement)
-        )
+        shallow, deep = features.tokens(model_input, paths, teacher, tiles_per_image(placement))
         return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)
 
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
@@ -519,3 +324,16 @@ class TransformerStudent(TransformerStudentExportMixin, AnomalibModule):
         model_input, placement = evaluation_input(self.pre_processor, batch, pre_processed=False)
         predictions = self.model(model_input, **placement)
         return self.post_processor(predictions) if self.post_processor else predictions
+
+    @property
+    def feature_identity(self) -> dict[str, Any]:
+        """Everything but the weights that shapes the teacher's features of an image (for the cache's key)."""
+        identity = {
+            **self.architecture,
+            "pre_processing": pre_processing_spec(self.pre_processor),
+            "teacher_precision": self.model.teacher_precision,
+            "keep_original_size": getattr(self.pre_processor, "keep_original_size", None),
+        }
+        if self.tiling is not None:
+            identity["tiling"] = self.tiling.spec
+        return identity

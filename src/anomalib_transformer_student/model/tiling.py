@@ -17,17 +17,103 @@ sees a tile border.
 
 An image that fits in one tile (both sides at most ``tile_size``) goes whole, exactly as without
 tiling (:meth:`Tiling.layout` returns ``None``).
+
+The user's options come as one group, :class:`TilingSettings` (``tiling`` of ``TransformerStudent``);
+:meth:`TilingSettings.geometry` turns them into the :class:`Tiling` of a teacher.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional
 
+from ..training.settings import positive_int
+
+logger = logging.getLogger(__name__)
+
 MAX_TILES_PER_IMAGE = 256
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    """How large images are inspected tile by tile (``TransformerStudent``'s ``tiling``).
+
+    On the anomalib CLI ``--model.tiling.tile_size 518``; in YAML ``tiling: {tile_size: 518}``; in Python
+    ``TransformerStudent(tiling=TilingSettings(tile_size=518))`` or ``tiling={"tile_size": 518}``.
+
+    Args:
+        tile_size: The side of a tile in pixels of the original image, each tile resized to the model's
+            ``image_size`` for the teacher (``tile_size == image_size`` is native resolution; larger tiles
+            trade resolution for speed). A multiple of the teacher's patch grid (``image_size / 14`` for
+            DINOv2, e.g. 74 at 1036 px). Images that fit in one tile go whole, as without tiling; the tiles'
+            patch scores make one patch map of the image, upsampled and smoothed once at full resolution. At
+            most ``MAX_TILES_PER_IMAGE`` (256) tiles per image. In training every tile of every image trains
+            the students. ``None`` (default) inspects each image whole. Needs the model's default
+            pre-processor and ``full_resolution_maps``.
+        tile_overlap: Pixels of the original image that neighbouring tiles share at least (rounded up to
+            whole patches); tiles are spread evenly to cover the image, so they often share more. Where tiles
+            overlap, their patch scores are averaged.
+        tile_batch_size: Most tiles the teacher takes at once in training and evaluation (a batch's tiles run
+            in chunks of this size): bounds the teacher's memory, and on CPUs keeps the cost per tile that of a
+            small batch. Exported graphs run all tiles of a batch at once.
+
+    Example:
+        >>> TilingSettings(tile_size=518).geometry(image_size=518, patch_size=14).grid
+        37
+        >>> TilingSettings(tile_overlap=28)
+        Traceback (most recent call last):
+        ValueError: tile_overlap=28 applies to tiles only: set tile_size too, or drop tile_overlap.
+    """
+
+    tile_size: int | None = None
+    tile_overlap: int = 0
+    tile_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        positive_int("tile_batch_size", self.tile_batch_size)
+        if self.tile_size is None and self.tile_overlap:
+            msg = f"tile_overlap={self.tile_overlap} applies to tiles only: set tile_size too, or drop tile_overlap."
+            raise ValueError(msg)
+
+    def geometry(
+        self, image_size: int, patch_size: int, own_pre_processor: bool = True, full_resolution_maps: bool = True
+    ) -> Tiling | None:
+        """The :class:`Tiling` for a teacher of ``image_size`` and ``patch_size``, ``None`` without ``tile_size``.
+
+        Raises:
+            ValueError: If tiling is asked for with a custom pre-processor or without full-resolution maps.
+        """
+        tile_size = self.tile_size
+        if tile_size is None:
+            return None
+        if not own_pre_processor:
+            msg = (
+                f"tile_size={tile_size} needs the model's own pre-processor, which tiles images at their original "
+                "size: drop the custom pre_processor, or drop tile_size."
+            )
+            raise ValueError(msg)
+        if not full_resolution_maps:
+            msg = (
+                f"tile_size={tile_size} returns maps at each image's own size: it needs full_resolution_maps=True "
+                "(the default)."
+            )
+            raise ValueError(msg)
+        tiling = Tiling(tile_size, self.tile_overlap, image_size=image_size, patch_size=patch_size)
+        logger.info(
+            "Images larger than %d x %d px are inspected in %d-px tiles, each resized to %d px for the teacher "
+            "(neighbours share at least %d px; at most %d tiles per image).",
+            tile_size,
+            tile_size,
+            tile_size,
+            image_size,
+            tiling.overlap,
+            tiling.max_tiles,
+        )
+        return tiling
 
 
 @dataclass(frozen=True)

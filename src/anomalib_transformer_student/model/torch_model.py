@@ -13,6 +13,8 @@ from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional
 
+from ..training.dtypes import DTYPES
+from ..training.settings import positive_int
 from .anomaly_map import AnomalyMapGenerator, square_padding
 from .students import StudentMLP
 from .teacher import TeacherFeatureExtractor
@@ -20,13 +22,9 @@ from .tiling import TileLayout, stitch
 
 logger = logging.getLogger(__name__)
 
-# Autocast dtype of the teacher for each ``teacher_precision``; float32 runs no autocast. On CUDA both half
+# ``teacher_precision``'s choices: the teacher's autocast dtype; float32 runs no autocast. On CUDA both half
 # precisions apply; on CPUs only bfloat16, and only where the CPU has bf16 units (see ``cpu_has_bf16_units``).
-TEACHER_PRECISIONS: dict[str, torch.dtype | None] = {
-    "float32": None,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+TEACHER_PRECISIONS = tuple(DTYPES)
 # CPU features (Linux ``/proc/cpuinfo`` flags, and the keys of ``torch.cpu.get_capabilities``) of units that
 # compute bfloat16 natively: x86 AVX512_BF16 (Intel Cooper Lake and later Xeons, AMD Zen 4 and later) and AMX-BF16
 # (Intel Xeon Sapphire Rapids and later), Arm BF16 (e.g. Neoverse V1, AWS Graviton3).
@@ -104,9 +102,6 @@ class TransformerStudentModel(nn.Module):
         teacher_batch_size: int | None = None,
     ) -> None:
         super().__init__()
-        if teacher_batch_size is not None and (isinstance(teacher_batch_size, bool) or teacher_batch_size < 1):
-            msg = f"teacher_batch_size must be a positive number of images or None, got {teacher_batch_size!r}."
-            raise ValueError(msg)
         self.teacher_batch_size = teacher_batch_size
         if teacher_precision not in TEACHER_PRECISIONS:
             msg = f"teacher_precision must be one of {sorted(TEACHER_PRECISIONS)}, got '{teacher_precision}'."
@@ -117,6 +112,15 @@ class TransformerStudentModel(nn.Module):
         self.forward_student = StudentMLP(teacher.embed_dim)
         self.backward_student = StudentMLP(teacher.embed_dim)
         self.anomaly_map_generator = AnomalyMapGenerator(blur_kernel_sizes, blur_repeats, topk_ratio)
+
+    @property
+    def teacher_batch_size(self) -> int | None:
+        """Most images (tiles) the teacher takes at once outside export; ``None`` runs every batch whole."""
+        return self._teacher_batch_size
+
+    @teacher_batch_size.setter
+    def teacher_batch_size(self, value: int | None) -> None:
+        self._teacher_batch_size = None if value is None else positive_int("teacher_batch_size", value)
 
     def student_loss(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """Training loss from the teacher's tokens (callers may pass cached tokens)."""
@@ -147,8 +151,8 @@ class TransformerStudentModel(nn.Module):
         ``teacher_precision`` applies on CUDA, and its ``"bfloat16"`` on CPUs with bf16 units; elsewhere the
         teacher runs float32 and one warning per model says why. Never during export: graphs hold float32.
         """
-        dtype = TEACHER_PRECISIONS[self.teacher_precision]
-        if dtype is None or torch.compiler.is_exporting():
+        dtype = DTYPES[self.teacher_precision]
+        if dtype == torch.float32 or torch.compiler.is_exporting():
             return None
         if device.type == "cuda":
             return dtype

@@ -59,9 +59,9 @@ class CacheFolderError(OSError):
 
 def _refuse(path: object, problem: str) -> CacheFolderError:
     return CacheFolderError(
-        f"Teacher-feature cache folder '{path}' {problem}. Point cache_dir (--model.cache_dir) to a folder of your "
-        "own, or set cache_shared=True (--model.cache_shared true) if this folder is meant to be shared by a group "
-        "of users or nodes."
+        f"Teacher-feature cache folder '{path}' {problem}. Point feature_cache.dir (--model.feature_cache.dir) "
+        "to a folder of your own, or set feature_cache.shared=True (--model.feature_cache.shared true) if this "
+        "folder is meant to be shared by a group of users or nodes."
     )
 
 

@@ -269,8 +269,9 @@ class DataChecks(Callback):
             if not self.skip_corrupt_images:
                 msg = (
                     f"{len(corrupt)} file(s) of the {split} set cannot be read:\n{_listing(lines)}\n"
-                    "Replace or delete them, or skip them with `skip_corrupt_images=True` "
-                    "(--model.skip_corrupt_images true)."
+                    "Replace or delete them, or skip them: give the trainer `DataChecks(skip_corrupt_images=True)` "
+                    "(on the anomalib CLI --trainer.callbacks+=anomalib_transformer_student.training.data_checks."
+                    "DataChecks --trainer.callbacks.skip_corrupt_images true)."
                 )
                 raise CorruptImageError(msg)
             bad = {check.path for check in corrupt}
@@ -356,7 +357,7 @@ def _too_large_message(paths: Sequence[str], split: str) -> str:
         f"possible decompression bomb; they are not corrupt:\n{_listing(paths)}\n"
         "If you trust the files, raise the limit in the process that runs anomalib before the data is read: "
         "`import PIL.Image; PIL.Image.MAX_IMAGE_PIXELS = None` (or a number of pixels). Large images are then "
-        "inspected tile by tile at full resolution with `tile_size` (--model.tile_size); without it each image "
+        "inspected tile by tile at full resolution with `tile_size` (--model.tiling.tile_size); without it each image "
         "is resized whole to image_size."
     )
 

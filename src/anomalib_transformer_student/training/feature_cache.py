@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from .cache_folder import CacheRoot
-from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, NUMPY_DTYPES, SPILL_NAME, SpillFile, claim_spill_name
+from .dtypes import NUMPY_DTYPES
+from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, SPILL_NAME, SpillFile, claim_spill_name
 
 logger = logging.getLogger(__name__)
 
-CACHE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
 # The teacher as the cache calls it: images -> (shallow, deep) tokens, each (B, N, D).
 Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -224,9 +224,9 @@ class TeacherFeatureCache:
         if dtype not in NUMPY_DTYPES:
             msg = f"Cache dtype must be one of {[str(known) for known in NUMPY_DTYPES]}, got {dtype}."
             raise ValueError(msg)
-        for name, budget in (("cache_memory_budget_mb", memory_budget_mb), ("cache_disk_budget_mb", disk_budget_mb)):
+        for name, budget in (("memory_budget_mb", memory_budget_mb), ("disk_budget_mb", disk_budget_mb)):
             if budget < 0:
-                msg = f"{name} must be >= 0, got {budget}."
+                msg = f"feature_cache.{name} must be >= 0, got {budget}."
                 raise ValueError(msg)
         self.dtype = dtype
         self.memory_budget_bytes = int(memory_budget_mb * 2**20)
@@ -336,8 +336,8 @@ class TeacherFeatureCache:
             self._stop_spilling(
                 f"its disk budget of {self.disk_budget_mb:g} MB is reached ({self._disk_used / 2**20:.1f} MB used in "
                 f"{self.root.path} by features in use, {size / 2**20:.1f} MB more needed per image in "
-                f"{self.folder}). Raise cache_disk_budget_mb (--model.cache_disk_budget_mb), or see what takes the "
-                "room with `transformer-student cache list`"
+                f"{self.folder}). Raise feature_cache.disk_budget_mb (--model.feature_cache.disk_budget_mb), or "
+                "see what takes the room with `transformer-student cache list`"
             )
             return False
         self._disk_used += size
@@ -360,7 +360,8 @@ class TeacherFeatureCache:
                 free = shutil.disk_usage(self.folder).free
                 reason = (
                     f"the disk of {self.folder} is full ({free / 2**20:.1f} MB free, {size / 2**20:.1f} MB needed "
-                    "per image). Free space there, or point cache_dir (--model.cache_dir) to a larger disk"
+                    "per image). Free space there, or point feature_cache.dir (--model.feature_cache.dir) to a "
+                    "larger disk"
                 )
             else:
                 reason = f"writing {self.spill.data_path} failed ({error})"

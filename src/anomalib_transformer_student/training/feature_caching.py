@@ -10,11 +10,13 @@ not a module mixin, because only callbacks hear of exceptions.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch import Callback
 
+from .dtypes import CACHE_DTYPES
 from .teacher_checkpoint import TEACHER_PREFIX
 from .teacher_features import PURPOSE_STAGES, CachedTeacherFeatures
 from .weights_digest import DigestMemo
@@ -22,6 +24,91 @@ from .weights_digest import DigestMemo
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
     from torch import nn
+
+
+# The cache options' flat names before they became a group (checkpoints of those versions hold them).
+FLAT_NAMES = {
+    "cache_dir": "dir",
+    "cache_dtype": "dtype",
+    "cache_memory_budget_mb": "memory_budget_mb",
+    "cache_disk_budget_mb": "disk_budget_mb",
+    "cache_shared": "shared",
+}
+
+
+@dataclass(frozen=True)
+class FeatureCacheSettings:
+    """The teacher-feature caches' options (``TransformerStudent``'s ``feature_cache``).
+
+    On the anomalib CLI ``--model.feature_cache.dtype float32`` or ``--model.feature_cache false``; in
+    YAML ``feature_cache: {memory_budget_mb: 0}``; in Python ``feature_cache=FeatureCacheSettings(...)``,
+    a dict of its options, or ``True``/``False``/``None`` for ``enabled`` alone.
+
+    Args:
+        enabled: ``None`` (default) caches unless the stage's images are augmented; ``True`` caches
+            even then (each image's first augmented version); ``False`` never.
+        dir: Folder of the disk part; default ``~/.cache/anomalib_transformer_student/teacher_features``,
+            private to the user. A folder that cannot be used turns caching off for the run, with one
+            warning naming it.
+        dtype: Storage of training features, ``"float16"`` (half the memory) or ``"float32"`` (exact);
+            evaluation features are always float32.
+        memory_budget_mb: Memory for cached features per process (both caches); beyond it they go to disk,
+            where later runs with the same features find them. ``0`` keeps all on disk.
+        disk_budget_mb: Disk for the whole folder (every teacher, size and process); the features used
+            least recently by no running process are evicted to make room. See ``transformer-student cache``.
+        shared: The folder is shared by a group of users or by several nodes: other users' folders and
+            files are accepted and new ones are group-writable (2770, 0660).
+
+    Example:
+        >>> FeatureCacheSettings.from_options(False, {}).enabled
+        False
+        >>> FeatureCacheSettings.from_options({"dtype": "float32"}, {"cache_dir": "/data/cache"})
+        FeatureCacheSettings(enabled=None, dir='/data/cache', dtype='float32', memory_budget_mb=4096.0, \
+disk_budget_mb=20480.0, shared=False)
+    """
+
+    enabled: bool | None = None
+    dir: str | None = None
+    dtype: Literal["float16", "float32"] = "float16"
+    memory_budget_mb: float = 4096.0
+    disk_budget_mb: float = 20480.0
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in CACHE_DTYPES:
+            msg = f"feature_cache.dtype must be one of {list(CACHE_DTYPES)}, got '{self.dtype}'."
+            raise ValueError(msg)
+        for name in ("memory_budget_mb", "disk_budget_mb"):
+            budget = getattr(self, name)
+            if isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0:
+                msg = f"feature_cache.{name} must be a number >= 0, got {budget!r}."
+                raise ValueError(msg)
+
+    @classmethod
+    def from_options(
+        cls, value: FeatureCacheSettings | Mapping[str, Any] | bool | None, legacy: MutableMapping[str, Any]
+    ) -> FeatureCacheSettings:
+        """The settings from ``feature_cache`` (settings, a dict, or ``enabled``) and the flat names in ``legacy``.
+
+        The flat names (``cache_dir``, ``cache_dtype``, ...: see :data:`FLAT_NAMES`), as checkpoints of earlier
+        versions hold them, are taken out of ``legacy``; they fill what ``value`` leaves at its default.
+        """
+        if value is None or isinstance(value, bool):
+            value = cls(enabled=value)
+        elif isinstance(value, Mapping):
+            known = {field.name for field in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                msg = f"feature_cache has no option {unknown}; its options are {sorted(known)}."
+                raise ValueError(msg)
+            value = cls(**value)
+        elif not isinstance(value, cls):
+            msg = f"feature_cache must be a FeatureCacheSettings, a dict of its options or a bool, got {value!r}."
+            raise TypeError(msg)
+        flat = {field: legacy.pop(name) for name, field in FLAT_NAMES.items() if name in legacy}
+        defaults = cls()
+        flat = {field: option for field, option in flat.items() if getattr(value, field) == getattr(defaults, field)}
+        return cls(**{**{field.name: getattr(value, field.name) for field in fields(cls)}, **flat})
 
 
 class FeatureCaching(Callback):
@@ -32,39 +119,26 @@ class FeatureCaching(Callback):
     ``backbone``), ``feature_identity`` and ``load_teacher_weights()``.
 
     Args:
-        enabled: ``None`` (on unless a stage's images are augmented), ``True`` or ``False``.
-        cache_dir: Folder of the disk part; default ``~/.cache/anomalib_transformer_student/teacher_features``.
-        dtype: Storage dtype of training entries, ``"float16"`` or ``"float32"``.
-        memory_budget_mb: Memory for entries per process (both caches together).
-        disk_budget_mb: Disk for the whole cache folder.
-        shared: The folder is shared by a group of users or nodes.
+        settings: The caches' options (see :class:`FeatureCacheSettings`).
         memo: The model's memo of its teacher's digest (shared with its checkpoints).
 
     Example:
-        >>> caching = FeatureCaching(enabled=False)
+        >>> caching = FeatureCaching(FeatureCacheSettings(enabled=False))
         >>> caching.training.enabled, caching.evaluation.dtype
         (False, 'float32')
     """
 
-    def __init__(
-        self,
-        enabled: bool | None = None,
-        cache_dir: str | Path | None = None,
-        dtype: str = "float16",
-        memory_budget_mb: float = 4096.0,
-        disk_budget_mb: float = 20480.0,
-        shared: bool = False,
-        memo: DigestMemo | None = None,
-    ) -> None:
-        settings = {
-            "enabled": enabled,
-            "cache_dir": cache_dir,
-            "memory_budget_mb": memory_budget_mb,
-            "disk_budget_mb": disk_budget_mb,
-            "shared": shared,
+    def __init__(self, settings: FeatureCacheSettings | None = None, memo: DigestMemo | None = None) -> None:
+        settings = settings or FeatureCacheSettings()
+        common = {
+            "enabled": settings.enabled,
+            "cache_dir": settings.dir,
+            "memory_budget_mb": settings.memory_budget_mb,
+            "disk_budget_mb": settings.disk_budget_mb,
+            "shared": settings.shared,
         }
-        self.training = CachedTeacherFeatures("training", dtype=dtype, **settings)
-        self.evaluation = CachedTeacherFeatures("evaluation", **settings)
+        self.training = CachedTeacherFeatures("training", dtype=settings.dtype, **common)
+        self.evaluation = CachedTeacherFeatures("evaluation", **common)
         self.memo = memo or DigestMemo()
 
     def weights_digest(self, teacher: nn.Module) -> str:

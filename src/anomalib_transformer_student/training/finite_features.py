@@ -3,10 +3,13 @@
 A teacher that yields NaN or Inf (a broken weights file, weights of another architecture, a
 float16 overflow) makes the students' loss NaN; Adam then turns every student weight into NaN
 and training goes on for its full length, producing a model that scores every image NaN.
-:func:`check_finite_features` turns that into an error at the first batch that names the likely cause.
+:func:`check_finite_features` turns that into an error at the first batch that names the likely cause;
+:class:`FiniteFeaturesMixin` gives the Lightning module the check of each epoch's first batch.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,4 +110,30 @@ def check_finite_features(
     raise NonFiniteFeaturesError(msg)
 
 
-__all__ = ["NonFiniteFeaturesError", "check_finite_features", "likely_cause"]
+class FiniteFeaturesMixin:
+    """Lets a Lightning module stop training when the teacher's features of an epoch's first batch are not finite.
+
+    A mixin rather than a callback: the features exist only inside ``training_step``, and the check must
+    run before the optimiser's first step. The module provides ``model`` (with ``teacher`` and
+    ``teacher_precision``) and ``weights_source`` (see
+    :func:`~anomalib_transformer_student.training.teacher_weights.weights_source`).
+    """
+
+    model: Any
+    weights_source: Any
+
+    def check_features(self, batch_idx: int, shallow: torch.Tensor, deep: torch.Tensor, images: torch.Tensor) -> None:
+        """At ``batch_idx`` 0 (one check per epoch), raise :class:`NonFiniteFeaturesError` for NaN or Inf tokens."""
+        if batch_idx != 0:
+            return
+        check_finite_features(
+            shallow,
+            deep,
+            images=images,
+            teacher=self.model.teacher,
+            teacher_precision=self.model.teacher_precision,
+            weights_source=None if self.weights_source is None else self.weights_source.name,
+        )
+
+
+__all__ = ["FiniteFeaturesMixin", "NonFiniteFeaturesError", "check_finite_features", "likely_cause"]

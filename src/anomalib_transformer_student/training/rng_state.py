@@ -5,7 +5,9 @@ not the global random generators. anomalib's training dataloader shuffles with a
 ``RandomSampler`` that draws its seed from torch's global generator at the start of every
 epoch, so a run resumed after epoch ``k`` would see other batches than an uninterrupted run
 and end with other weights. Saving the generators' state with each checkpoint and restoring
-it on resume makes the two runs identical (on CPU, bit for bit).
+it on resume makes the two runs identical (on CPU, bit for bit): :class:`RandomGeneratorState`, a
+callback that ``TransformerStudent.configure_callbacks`` adds, keeps that state with the checkpoint
+(``checkpoint["callbacks"]``) through Lightning's ``state_dict``/``load_state_dict``.
 
 The state is stored as tensors, integers and tuples only, so that checkpoints still load with
 ``torch.load(weights_only=True)``, as anomalib loads them.
@@ -14,10 +16,17 @@ The state is stored as tensors, integers and tuples only, so that checkpoints st
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
+
+# Where checkpoints written before the callback existed (0.1.0 and later) keep the state.
+LEGACY_KEY = "rng_state"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -68,4 +77,45 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
+class RandomGeneratorState(Callback):
+    """Save the global random generators' state with every checkpoint; restore it when a fit resumes from one.
+
+    Only a resumed fit restores it: testing or predicting from a checkpoint leaves the generators alone.
+    The callback has no settings, so when Lightning puts the module's instance in the place of one given to
+    the trainer (it does so for callbacks of the same type), nothing is lost.
+
+    Example:
+        >>> callback = RandomGeneratorState()
+        >>> state = callback.state_dict()
+        >>> first = torch.rand(3)
+        >>> callback._fitting = True
+        >>> callback.load_state_dict(state)
+        >>> torch.equal(first, torch.rand(3))
+        True
+    """
+
+    def __init__(self) -> None:
+        self._fitting = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Note whether this run fits (Lightning sets up before it restores a checkpoint)."""
+        del trainer, pl_module
+        self._fitting = stage == "fit"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generators' state now (see :func:`capture_rng_state`)."""
+        return capture_rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the generators when a fit resumes."""
+        if self._fitting:
+            restore_rng_state(state_dict)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Restore the state that checkpoints written before this callback keep under ``"rng_state"``."""
+        del trainer, pl_module
+        if self._fitting and self.state_key not in checkpoint.get("callbacks", {}) and LEGACY_KEY in checkpoint:
+            restore_rng_state(checkpoint[LEGACY_KEY])
+
+
+__all__ = ["RandomGeneratorState", "capture_rng_state", "restore_rng_state"]

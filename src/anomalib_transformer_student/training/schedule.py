@@ -10,6 +10,8 @@ Precedence, highest first: the model's ``max_epochs`` (``--model.max_epochs``, i
 trainer), the trainer's (``--trainer.max_epochs``), the paper's 50. Since an explicit
 ``--trainer.max_epochs 1000`` cannot be told from no setting, pass ``--model.max_epochs 1000`` to
 train that long.
+
+:class:`PaperSchedule`, a callback that ``TransformerStudent.configure_callbacks`` adds, applies both.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from lightning.pytorch import Callback
+
 if TYPE_CHECKING:
-    from lightning.pytorch import Trainer
+    from lightning.pytorch import LightningModule, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +60,38 @@ def note_batch_size(batch_size: int | None) -> None:
             PAPER_BATCH_SIZE,
             PAPER_BATCH_SIZE,
         )
+
+
+class PaperSchedule(Callback):
+    """The paper's 50 epochs unless an epoch count was given, and a note when the batch size is not its 4.
+
+    The callback has no settings, so when Lightning puts the module's instance in the place of one given to
+    the trainer (it does so for callbacks of the same type), nothing is lost.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> trainer = SimpleNamespace(fit_loop=SimpleNamespace(max_epochs=LIGHTNING_DEFAULT_EPOCHS), max_steps=-1)
+        >>> PaperSchedule().on_fit_start(trainer, None)
+        >>> trainer.fit_loop.max_epochs
+        50
+    """
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Train :data:`PAPER_EPOCHS` if the trainer's epoch limit is only Lightning's default."""
+        del pl_module
+        apply_paper_epochs(trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Note a training batch size other than the paper's."""
+        del pl_module
+        note_batch_size(getattr(trainer.train_dataloader, "batch_size", None))
+
+
+__all__ = [
+    "LIGHTNING_DEFAULT_EPOCHS",
+    "PAPER_BATCH_SIZE",
+    "PAPER_EPOCHS",
+    "PaperSchedule",
+    "apply_paper_epochs",
+    "note_batch_size",
+]

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from .cache_folder import CacheFolderError, FingerprintFolder, _lock, fcntl
+from .dtypes import NUMPY_DTYPES
 
 logger = logging.getLogger(__name__)
 
 # Bump when anything that shapes the cached tokens, their keys or the file layout changes.
 CACHE_FORMAT_VERSION = 3
-NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_LOG_BYTES = 256 * 2**20  # about 4 million entries
 MAX_HEADER_BYTES = 4096

@@ -26,15 +26,13 @@ The functions work on the checkpoint dict and plain data; the Lightning module's
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from timm.models import get_pretrained_cfg, split_model_name_tag
 
-from .teacher_weights import is_cached
+from .teacher_weights import TeacherSource, weights_source
 from .weights_digest import DigestMemo, state_digest
 
 TEACHER_KEY = "transformer_student_teacher"
@@ -45,27 +43,6 @@ SHA256_HEX_DIGITS = 64
 
 class TeacherNotInCheckpointError(RuntimeError):
     """A checkpoint without the teacher's weights, whose weights source is not available or has changed."""
-
-
-@dataclass(frozen=True)
-class TeacherSource:
-    """Where the teacher's weights can be fetched again: the file ``weights``, or timm's pretrained ones if ``None``."""
-
-    teacher: str
-    weights: str | None
-
-    def describe(self) -> str:
-        """The source in words, for messages.
-
-        Example:
-            >>> TeacherSource("vit_small_patch14_dinov2", "/data/dinov2.safetensors").describe()
-            "the weights file '/data/dinov2.safetensors'"
-            >>> TeacherSource("vit_small_patch14_dinov2.lvd142m", None).describe()
-            "timm's pretrained weights of 'vit_small_patch14_dinov2.lvd142m' (Hugging Face cache or Hub)"
-        """
-        if self.weights is not None:
-            return f"the weights file '{self.weights}'"
-        return f"timm's pretrained weights of '{self.teacher}' (Hugging Face cache or Hub)"
 
 
 def teacher_source(teacher: str, pretrained: bool, weights: str | None) -> TeacherSource | None:
@@ -81,11 +58,8 @@ def teacher_source(teacher: str, pretrained: bool, weights: str | None) -> Teach
         >>> teacher_source("vit_small_patch14_dinov2", pretrained=True, weights="/no/such/file.safetensors") is None
         True
     """
-    if not pretrained:
-        return None
-    if weights is not None:
-        return TeacherSource(teacher, weights) if Path(weights).expanduser().is_file() else None
-    return TeacherSource(teacher, None) if is_cached(teacher) else None
+    source = weights_source(teacher, pretrained, weights)
+    return source if source is not None and source.available() else None
 
 
 def is_final_checkpoint(trainer: Any) -> bool:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from anomalib.pre_processing.utils.spec import transform_to_spec
 
+from .dtypes import CACHE_DTYPES
 from .feature_cache import (
-    CACHE_DTYPES,
     ImageKeys,
     Teacher,
     TeacherFeatureCache,
@@ -110,11 +110,11 @@ class CachedTeacherFeatures:
             msg = f"purpose must be one of {list(PURPOSE_STAGES)}, got '{purpose}'."
             raise ValueError(msg)
         if dtype not in CACHE_DTYPES:
-            msg = f"cache_dtype must be one of {list(CACHE_DTYPES)}, got '{dtype}'."
+            msg = f"feature_cache.dtype must be one of {list(CACHE_DTYPES)}, got '{dtype}'."
             raise ValueError(msg)
-        for name, budget in (("cache_memory_budget_mb", memory_budget_mb), ("cache_disk_budget_mb", disk_budget_mb)):
+        for name, budget in (("memory_budget_mb", memory_budget_mb), ("disk_budget_mb", disk_budget_mb)):
             if isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0:
-                msg = f"{name} must be a number >= 0, got {budget!r}."
+                msg = f"feature_cache.{name} must be a number >= 0, got {budget!r}."
                 raise ValueError(msg)
         self.purpose = purpose
         self.enabled = enabled
@@ -156,7 +156,7 @@ class CachedTeacherFeatures:
         if self.enabled is None:
             logger.info(
                 "Teacher-feature cache off for %s: its images are augmented (%s), so the teacher's features change "
-                "every time. Set feature_cache=True to cache the first version anyway.",
+                "every time. Set feature_cache.enabled=True to cache the first version anyway.",
                 stage,
                 augmentations,
             )
@@ -215,8 +215,9 @@ class CachedTeacherFeatures:
                 self._unusable = self.directory
                 logger.warning(
                     "Teacher-feature cache off for this run: its folder '%s' cannot be used (%s). Training and "
-                    "evaluation go on without it, with the same results. Point cache_dir (--model.cache_dir) to a "
-                    "writable folder of your own, or set feature_cache=False to silence this.",
+                    "evaluation go on without it, with the same results. Point feature_cache.dir "
+                    "(--model.feature_cache.dir) to a writable folder of your own, or set feature_cache=False to "
+                    "silence this.",
                     self.directory,
                     error,
                 )

@@ -11,6 +11,10 @@ Sources:
 Fetching is kept apart from building the model so that constructing a ``TransformerStudent``
 never touches the network or the disk: weights are loaded when training starts, and a
 checkpoint that already holds them loads nothing.
+
+:func:`weights_source` is the one place that decides, from the model's settings, where the weights
+come from (a :class:`TeacherSource`, or ``None`` for random weights); everything that loads, reloads,
+records or names the weights asks it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -241,3 +246,59 @@ def teacher_state_dict(name: str, weights: str | None) -> dict[str, torch.Tensor
         return fetch_pretrained_state_dict(name)
     logger.info("Loading teacher weights from '%s'.", weights)
     return to_timm_layout(read_weights_file(weights), name)
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where the teacher's weights come from: the local file ``weights``, or timm's pretrained ones if ``None``.
+
+    Example:
+        >>> TeacherSource("vit_small_patch14_dinov2", "/data/dinov2.safetensors").describe()
+        "the weights file '/data/dinov2.safetensors'"
+        >>> TeacherSource("vit_small_patch14_dinov2.lvd142m", None).describe()
+        "timm's pretrained weights of 'vit_small_patch14_dinov2.lvd142m' (Hugging Face cache or Hub)"
+    """
+
+    teacher: str
+    weights: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The file's path, or the timm name whose pretrained weights are meant (for short messages)."""
+        return self.teacher if self.weights is None else self.weights
+
+    def describe(self) -> str:
+        """The source in words, for messages."""
+        if self.weights is not None:
+            return f"the weights file '{self.weights}'"
+        return f"timm's pretrained weights of '{self.teacher}' (Hugging Face cache or Hub)"
+
+    def available(self) -> bool:
+        """Whether the weights can be had without the network: the file exists, or timm's are in the local cache."""
+        if self.weights is not None:
+            return Path(self.weights).expanduser().is_file()
+        return is_cached(self.teacher)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights in timm's layout (see :func:`teacher_state_dict`)."""
+        return teacher_state_dict(self.teacher, self.weights)
+
+
+def weights_source(teacher: str, pretrained: bool, weights: str | Path | None) -> TeacherSource | None:
+    """Where the weights of ``teacher`` come from: the local file ``weights``, timm's (Hub), or ``None`` (random).
+
+    Raises:
+        ValueError: If a ``weights`` file is given with ``pretrained=False``.
+
+    Example:
+        >>> weights_source("vit_small_patch14_dinov2", pretrained=True, weights=None)
+        TeacherSource(teacher='vit_small_patch14_dinov2', weights=None)
+        >>> weights_source("vit_small_patch14_dinov2", pretrained=False, weights=None) is None
+        True
+    """
+    if weights is not None and not pretrained:
+        msg = f"teacher_weights='{weights}' conflicts with pretrained=False; drop one of them."
+        raise ValueError(msg)
+    if not pretrained:
+        return None
+    return TeacherSource(teacher, None if weights is None else str(weights))
