@@ -127,14 +127,27 @@ def test_option_groups_on_the_command_line_and_in_print_config(demo_root: Path, 
     """``--model.<group>.<option>`` sets one option of a group; ``--print_config`` shows the groups nested."""
     result = run_cli(
         ["fit", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, *data_args(demo_root),
-         "--model.tiling.tile_size", "112", "--model.anomaly_map.topk_ratio", "0.01", "--print_config"],
+         "--model.tiling.tile_size", "112", "--model.anomaly_map.topk_ratio", "0.01",
+         "--model.feature_cache.dtype", "float32", "--model.feature_cache.shared", "true", "--print_config"],
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     init_args = yaml.safe_load(result.stdout)["model"]["init_args"]
     assert init_args["tiling"] == {"tile_size": 112, "tile_overlap": 0, "tile_batch_size": 8}
     assert init_args["anomaly_map"] == {"blur_kernel_sizes": [5, 7], "blur_repeats": [5, 3], "topk_ratio": 0.01}
-    assert "tile_size" not in init_args and "skip_corrupt_images" not in init_args
+    assert init_args["feature_cache"] == {
+        "enabled": None, "dir": None, "dtype": "float32", "memory_budget_mb": 4096.0, "disk_budget_mb": 20480.0,
+        "shared": True,
+    }  # fmt: skip
+    assert "tile_size" not in init_args and "skip_corrupt_images" not in init_args and "cache_dir" not in init_args
+    # A bool still switches the caches off.
+    result = run_cli(
+        ["fit", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, *data_args(demo_root),
+         "--model.feature_cache", "false", "--print_config"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert yaml.safe_load(result.stdout)["model"]["init_args"]["feature_cache"] is False
 
 
 @pytest.mark.parametrize("config", ["transformer_student.yaml", "transformer_student_tiled.yaml", "mvtecad2.yaml"])
@@ -143,6 +156,6 @@ def test_configs_set_the_groups(config: str, demo_root: Path, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr[-3000:]
     init_args = yaml.safe_load(result.stdout)["model"]["init_args"]
     expected = yaml.safe_load((CONFIGS / config).read_text())["model"]["init_args"]
-    for group in ("tiling", "anomaly_map"):
+    for group in ("tiling", "anomaly_map", "feature_cache"):
         for name, value in expected.get(group, {}).items():
             assert init_args[group][name] == value, (group, name)

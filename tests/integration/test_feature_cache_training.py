@@ -179,7 +179,7 @@ def test_an_unusable_cache_folder_turns_caching_off_with_one_warning(
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=0, rtol=0)
     (warning,) = [record for record in caplog.records if "Teacher-feature cache" in record.getMessage()]
     assert "not_a_folder/cache" in warning.getMessage()
-    assert "cache_dir" in warning.getMessage()
+    assert "feature_cache.dir" in warning.getMessage()
 
 
 class FailAtSecondEpoch(Callback):

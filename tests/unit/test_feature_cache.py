@@ -351,7 +351,7 @@ def _copy_weights(source: TransformerStudent, target: TransformerStudent) -> Non
 def _fingerprint(model: TransformerStudent, augmentations: object = None) -> str:
     caching = model.feature_caching
     digest = caching.weights_digest(model.model.teacher)
-    return caching.training.fingerprint_of(digest, model.feature_identity, augmentations)
+    return caching.training.fingerprint_of(digest, model.feature_caching.feature_identity(model), augmentations)
 
 
 def test_every_part_of_the_fingerprint_matters() -> None:

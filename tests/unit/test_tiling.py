@@ -286,8 +286,8 @@ def test_tiling_options_from_the_constructor() -> None:
     model = _model(tile_size=112, tile_overlap=14)
     assert (model.tiling.tile_size, model.tiling.overlap) == (112, 14)
     assert model.hparams["tiling"]["tile_size"] == 112  # checkpoints rebuild the tiled model
-    assert model.feature_identity["tiling"] == {"tile_size": 112, "tile_overlap": 14}
-    assert _model().tiling is None and "tiling" not in _model().feature_identity
+    assert model.feature_caching.feature_identity(model)["tiling"] == {"tile_size": 112, "tile_overlap": 14}
+    assert _model().tiling is None and "tiling" not in _model().feature_caching.feature_identity(_model())
 
 
 @pytest.mark.parametrize(

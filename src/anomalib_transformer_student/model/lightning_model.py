@@ -32,7 +32,6 @@ from ..training.rng_state import RandomGeneratorState
 from ..training.schedule import PaperSchedule
 from ..training.settings import option_groups
 from ..training.teacher_checkpointing import TeacherCheckpointMixin
-from ..training.teacher_features import pre_processing_spec
 from ..training.teacher_weights import weights_source
 from .anomaly_map import AnomalyMapSettings
 from .pre_processing import (
@@ -80,51 +79,31 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
     fail, the image is anomalous. The teacher runs once per image, so the model affords the
     paper's high resolution (1036 px, 74 x 74 patches) that lets it see tiny defects.
 
-    The teacher's pretrained weights are fetched when training (or testing an untrained model)
-    starts, not at construction, so that the checkpoint a fit ends with, which holds the teacher,
-    loads offline. Checkpoints written before the last epoch leave the frozen teacher out when its
-    weights can be fetched again (a ``teacher_weights`` file, or timm's weights in the Hugging Face
-    cache), and fetch them on load.
+    The teacher's weights are fetched when a stage starts, not at construction, so the checkpoint a fit
+    ends with (which holds the teacher) loads offline; earlier ones leave the frozen teacher out when it can
+    be fetched again. Every option: ``docs/reference/options.md``.
 
     Args:
         teacher: timm name of the Vision Transformer teacher.
-        pretrained: Load the teacher's pretrained weights; ``False`` keeps random weights
-            (tests and experiments only).
-        teacher_weights: Where the pretrained weights come from: ``None`` for timm's weights via
-            the Hugging Face Hub or its local cache (``HF_HUB_OFFLINE=1`` works once cached), or
-            the path of a local file in timm's layout (``.safetensors``, ``.pth``, ``.bin``) or
-            in the official DINOv2 torch.hub layout (e.g. ``dinov2_vitb14_reg4_pretrain.pth``).
-        layers: Two block indices ``(shallow, deep)``; negative indices count from the end. ``None``
-            (default) takes the paper's choice carried to the teacher's depth: the block at two thirds
-            of the depth and the last block, (7, 11) for 12 blocks, (15, 23) for 24
-            (:func:`~anomalib_transformer_student.model.teacher.default_layers`).
-        image_size: Side of the square model input in pixels; a multiple of the teacher's patch
-            size (14 for DINOv2, 16 for DINOv3), else construction fails naming the nearest valid sizes.
-        lr: Adam learning rate of the students (the reference code uses 1e-4; the paper's text
-            mentions 1e-3).
-        max_epochs: Epochs to train, imposed on the trainer (anomalib's benchmark pipeline gives
-            the trainer no options). ``None`` (default) leaves the trainer's own setting
-            (``--trainer.max_epochs``), and without one the paper's 50 epochs, not Lightning's
-            1000 (see :mod:`~anomalib_transformer_student.training.schedule`).
+        pretrained: Load the teacher's pretrained weights; ``False`` keeps random ones (tests only).
+        teacher_weights: ``None`` for timm's weights (Hugging Face Hub or its cache), or a local file in
+            timm's or the official DINOv2/DINOv3 layout.
+        layers: Two block indices ``(shallow, deep)``, negative from the end; ``None``: the paper's choice
+            carried to the depth, (7, 11) for 12 blocks (:func:`~.teacher.default_layers`).
+        image_size: Side of the square model input, a multiple of the teacher's patch size (14 or 16).
+        lr: Adam learning rate of the students (the reference code's 1e-4; the paper's text says 1e-3).
+        max_epochs: Epochs imposed on the trainer; ``None`` leaves ``--trainer.max_epochs``, else the
+            paper's 50 (see :mod:`~anomalib_transformer_student.training.schedule`).
         anomaly_map: The map smoothing and the image score (:class:`AnomalyMapSettings`, or a dict of its
             options: ``blur_kernel_sizes``, ``blur_repeats``, ``topk_ratio``); the paper's by default.
         tiling: Inspect large images tile by tile (:class:`TilingSettings`, or a dict of its options:
             ``tile_size``, ``tile_overlap``, ``tile_batch_size``); by default each image goes whole.
-        feature_cache: The teacher-feature caches (:class:`FeatureCacheSettings`, a dict of its options:
-            ``enabled``, ``dir``, ``dtype``, ``memory_budget_mb``, ``disk_budget_mb``, ``shared``, or a bool
-            for ``enabled``). By default on: each training image's teacher features come from its first epoch
-            and each evaluation image's (float32, exact) from its first validation, on disk beyond 4 GiB of
-            memory; off for a stage whose images are augmented. Predict is never cached.
-        full_resolution_maps: At validation, test and predict, return each anomaly map at its
-            image's original size (upsampled to the square-padded original size, padding
-            cropped away), with ``gt_mask`` left at full resolution, as the paper evaluates.
-            Applies to the default pre-processor; with a custom one, maps come at the size it
-            gives, in evaluation and in exported models alike.
-        teacher_precision: ``"float32"`` (default, faithful to the reference), or
-            ``"float16"``/``"bfloat16"`` to run the teacher under autocast (training's teacher pass,
-            validation, test, predict): on CUDA both; on CPUs ``"bfloat16"`` where the CPU has bf16
-            units (AVX512_BF16 or AMX on x86, BF16 on Arm), else float32 with one warning. Exported
-            graphs hold the float32 teacher; their runtime chooses the precision.
+        feature_cache: The teacher-feature caches (:class:`FeatureCacheSettings`, a dict of its options, or a
+            bool for ``enabled``): by default each image's teacher features are computed once per fit.
+        full_resolution_maps: Return each map at its image's original size (padding cropped away), as the
+            paper evaluates; applies to the default pre-processor.
+        teacher_precision: ``"float32"`` (faithful), or ``"float16"``/``"bfloat16"`` autocast of the teacher
+            (CUDA; bf16 on CPUs with bf16 units, else float32 with one warning); exports stay float32.
         pre_processor: Pre-processor, or ``True`` for square edge-pad, bicubic resize to
             ``image_size`` and ImageNet normalisation (:class:`OriginalSizePreProcessor`).
         post_processor: Post-processor, or ``True`` for anomalib's default.
@@ -308,13 +287,9 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         features, teacher = self.feature_caching.evaluation, self.model.teacher_features
         layout = placement.get("layout")
         if layout is not None:  # tiles chunk by chunk: only one chunk's tokens alive, only the scores kept
-            scores = [
-                self.model.patch_scores(
-                    *features.tokens(model_input[part.start : part.stop], paths, teacher, layout.count, part)
-                )
-                for part in chunks(len(model_input), self.model.teacher_batch_size)
-            ]
-            return self.model.predict_tiled(torch.cat(scores), layout)
+            return self.model.predict_in_chunks(
+                model_input, layout, lambda part, chunk: features.tokens(chunk, paths, teacher, layout.count, part)
+            )
         shallow, deep = features.tokens(model_input, paths, teacher, tiles_per_image(placement))
         return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)
 
@@ -324,16 +299,3 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         model_input, placement = evaluation_input(self.pre_processor, batch, pre_processed=False)
         predictions = self.model(model_input, **placement)
         return self.post_processor(predictions) if self.post_processor else predictions
-
-    @property
-    def feature_identity(self) -> dict[str, Any]:
-        """Everything but the weights that shapes the teacher's features of an image (for the cache's key)."""
-        identity = {
-            **self.architecture,
-            "pre_processing": pre_processing_spec(self.pre_processor),
-            "teacher_precision": self.model.teacher_precision,
-            "keep_original_size": getattr(self.pre_processor, "keep_original_size", None),
-        }
-        if self.tiling is not None:
-            identity["tiling"] = self.tiling.spec
-        return identity

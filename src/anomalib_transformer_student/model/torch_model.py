@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from ..training.settings import positive_int
 from .anomaly_map import AnomalyMapGenerator, square_padding
 from .students import StudentMLP
 from .teacher import TeacherFeatureExtractor
-from .tiling import TileLayout, stitch
+from .tiling import TileLayout, chunks, stitch
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +272,21 @@ class TransformerStudentModel(nn.Module):
         patch_map = stitch(patch_scores.reshape(-1, *self.teacher.grid_size), layout)
         anomaly_map = generator.smooth(patch_map, layout.canvas, window=layout.window)
         return InferenceBatch(pred_score=generator.score(anomaly_map), anomaly_map=anomaly_map)
+
+    def predict_in_chunks(
+        self,
+        tiles: torch.Tensor,
+        layout: TileLayout,
+        tokens: Callable[[range, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> InferenceBatch:
+        """:meth:`predict_tiled` with the tiles' tokens taken ``teacher_batch_size`` tiles at a time.
+
+        ``tokens(part, tiles[part])`` gives the shallow and deep tokens of the tiles ``part`` of the batch
+        (from the teacher or a cache); only each chunk's patch scores are kept, so one chunk's tokens are
+        alive at a time, however many tiles an image has.
+        """
+        scores = [
+            self.patch_scores(*tokens(part, tiles[part.start : part.stop]))
+            for part in chunks(len(tiles), self.teacher_batch_size)
+        ]
+        return self.predict_tiled(torch.cat(scores), layout)

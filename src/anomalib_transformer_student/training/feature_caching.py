@@ -18,7 +18,7 @@ from lightning.pytorch import Callback
 
 from .dtypes import CACHE_DTYPES
 from .teacher_checkpoint import TEACHER_PREFIX
-from .teacher_features import PURPOSE_STAGES, CachedTeacherFeatures
+from .teacher_features import PURPOSE_STAGES, CachedTeacherFeatures, pre_processing_spec
 from .weights_digest import DigestMemo
 
 if TYPE_CHECKING:
@@ -116,7 +116,8 @@ class FeatureCaching(Callback):
 
     The model asks :attr:`training` and :attr:`evaluation` for each batch's tokens and returns this
     callback from ``configure_callbacks``. The model must offer ``model.teacher`` (with its
-    ``backbone``), ``feature_identity`` and ``load_teacher_weights()``.
+    ``backbone``), ``model.teacher_precision``, ``architecture``, ``pre_processor``, ``tiling`` and
+    ``load_teacher_weights()``.
 
     Args:
         settings: The caches' options (see :class:`FeatureCacheSettings`).
@@ -145,6 +146,20 @@ class FeatureCaching(Callback):
         """Digest of the teacher's weights as checkpoints record it (remembered while they are unchanged)."""
         return self.memo({TEACHER_PREFIX + name: value for name, value in teacher.backbone.state_dict().items()})
 
+    @staticmethod
+    def feature_identity(module: LightningModule) -> dict[str, Any]:
+        """Everything but the weights that shapes the teacher's features of an image (part of the fingerprint)."""
+        pre_processor = module.pre_processor
+        identity = {
+            **module.architecture,
+            "pre_processing": pre_processing_spec(pre_processor),
+            "teacher_precision": module.model.teacher_precision,
+            "keep_original_size": getattr(pre_processor, "keep_original_size", None),
+        }
+        if module.tiling is not None:
+            identity["tiling"] = module.tiling.spec
+        return identity
+
     def open_stage(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
         """Open, keep or bypass the cache that serves ``stage`` (``fit``: training; else evaluation)."""
         module.load_teacher_weights()
@@ -155,7 +170,7 @@ class FeatureCaching(Callback):
             trainer,
             stage,
             digest,
-            module.feature_identity,
+            self.feature_identity(module),
             memory_in_use=0 if stage == "fit" else self.training.memory_bytes,
         )
 
