@@ -245,3 +245,28 @@ def test_private_files_of_a_killed_process_are_reclaimed(tmp_path: Path, monkeyp
     assert not (folder.path / (stale + ".bin")).exists()
     folder.close()
     root.close()
+
+
+def test_a_folder_that_fails_mid_run_stops_spilling_not_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    features = cache(tmp_path / "cache")
+    teacher = lambda images: (images.flatten(2).mT, -images.flatten(2).mT)  # noqa: E731
+    images = torch.rand(3, 3, 4, 4)
+    features.tokens(["a"], images[:1], teacher)
+
+    def gone(*_arguments, **_keywords) -> None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    # The folder can no longer be listed (removed, or its file system gone) while the fit runs.
+    monkeypatch.setattr(cache_folder.CacheRoot, "usage", gone)
+    monkeypatch.setattr(cache_folder.FingerprintFolder, "names", gone)
+    features.RECOUNT_EVERY = 1
+    with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
+        for _ in range(2):
+            shallow, _ = features.tokens(["a", "b", "c"], images, teacher)
+            torch.testing.assert_close(shallow, images.flatten(2).mT, atol=1e-3, rtol=0)
+    (warning,) = caplog.records
+    assert "cannot be read" in warning.getMessage() and str(tmp_path / "cache") in warning.getMessage()
+    monkeypatch.undo()
+    features.close()

@@ -271,7 +271,11 @@ class TeacherFeatureCache:
         """
         if self._private or self.spill is None:  # without a lock, the others cannot be told safe to read
             return
-        for name in self._folder.names(".log"):
+        try:
+            names = list(self._folder.names(".log"))
+        except OSError:  # the folder went away or cannot be read: what is known stays, nothing new is read
+            return
+        for name in names:
             if name == self.spill.name or not SPILL_NAME.match(name):
                 continue
             known = self._others.pop(name, None)
@@ -330,7 +334,11 @@ class TeacherFeatureCache:
             or self._since_count >= self.RECOUNT_EVERY
             or (self._disk_used + size > self.disk_budget_bytes)
         ):
-            self._disk_used = self.root.make_room(size, self.disk_budget_bytes, keep=self._folder.name)
+            try:
+                self._disk_used = self.root.make_room(size, self.disk_budget_bytes, keep=self._folder.name)
+            except OSError as error:
+                self._stop_spilling(f"its folder {self.root.path} cannot be read ({error})")
+                return False
             self._since_count = 0
         if self._disk_used + size > self.disk_budget_bytes:
             self._stop_spilling(
