@@ -32,7 +32,7 @@ from anomalib_transformer_student.training.data_checks import (
     MaskSizeError,
 )
 
-from ..helpers import SMALL_TEACHER, data_args, run_cli
+from ...helpers import SMALL_TEACHER, data_args, run_cli
 
 # A 4-block teacher at 56 px: the checks run before the teacher matters, and training stays cheap.
 MODEL_KWARGS = {

@@ -24,7 +24,7 @@ from torchmetrics.functional.classification import binary_auroc
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
-from ..helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
+from ...helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 from anomalib_transformer_student.training.feature_cache import image_key
 
-from ..helpers import checkpoints, data_args, listed_keys, run_cli
+from ...helpers import checkpoints, data_args, listed_keys, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.anomaly_map import AnomalyMapGenerator
 from anomalib_transformer_student.model.teacher import check_image_size, normalise_layers
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 
 @pytest.mark.parametrize(

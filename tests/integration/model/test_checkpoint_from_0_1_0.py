@@ -9,7 +9,7 @@ from anomalib.data import ImageBatch
 
 from anomalib_transformer_student import TransformerStudent
 
-DATA = Path(__file__).parents[1] / "data"
+DATA = Path(__file__).parents[2] / "data"
 
 
 def test_checkpoint_of_0_1_0_gives_the_same_maps_and_scores() -> None:

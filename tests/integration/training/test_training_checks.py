@@ -15,7 +15,7 @@ from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.teacher import create_backbone
 from anomalib_transformer_student.training.finite_features import NonFiniteFeaturesError
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 
 def test_broken_weights_file_stops_training_at_the_first_batch(demo_root: Path, tmp_path: Path) -> None:

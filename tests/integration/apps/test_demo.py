@@ -26,7 +26,7 @@ from anomalib_transformer_student.training import teacher_weights
 
 SMALL_TEACHER = "vit_small_patch14_dinov2"
 TINY_RUN = ["demo", "--categories", "brick", "--image-size", "112", "--epochs", "1", "--teacher", SMALL_TEACHER]
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_data.yaml"
+CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo_data.yaml"
 
 
 def _never_fetch(name: str, timeout: float = 0.0) -> dict:

@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.pre_processing import OriginalSizePreProcessor
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 SIZE = 224
 ORIGINAL = (150, 100)

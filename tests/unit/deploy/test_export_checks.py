@@ -9,7 +9,7 @@ from anomalib.deploy.export import CompressionType
 
 from anomalib_transformer_student import TransformerStudent
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 
 def _model(**overrides) -> TransformerStudent:

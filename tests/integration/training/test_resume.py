@@ -19,7 +19,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 from anomalib_transformer_student import TransformerStudent
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 SEED = 7
 EPOCHS = 3

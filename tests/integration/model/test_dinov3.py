@@ -21,8 +21,8 @@ from lightning.pytorch import seed_everything
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.training.teacher_weights import teacher_state_dict
 
-from ..helpers import checkpoints, run_cli
-from ..unit.test_dinov3_teacher import official_layout, random_source
+from ...helpers import checkpoints, run_cli
+from ...unit.model.test_dinov3_teacher import official_layout, random_source
 
 pytestmark = pytest.mark.slow
 

@@ -30,9 +30,9 @@ from anomalib_transformer_student.apps import cli
 from anomalib_transformer_student.apps.evaluate import evaluate_checkpoint
 from anomalib_transformer_student.model.post_processing import QuantilePostProcessor
 
-from ..helpers import SMALL_TEACHER, checkpoints, run_cli
+from ...helpers import SMALL_TEACHER, checkpoints, run_cli
 
-CONFIG = Path(__file__).parents[2] / "configs" / "mvtecad2.yaml"
+CONFIG = Path(__file__).parents[3] / "configs" / "mvtecad2.yaml"
 CATEGORY = "sheet_metal"
 HEIGHT, WIDTH, SIZE = 56, 112, 56
 COUNTS = {"train/good": 4, "validation/good": 6, "test_public/good": 2, "test_public/bad": 2,

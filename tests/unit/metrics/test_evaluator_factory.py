@@ -15,9 +15,9 @@ from anomalib_transformer_student.apps.demo import METRIC_COLUMNS, DemoSettings,
 from anomalib_transformer_student.metrics import SizeAUPRO, SizeEvaluator
 from anomalib_transformer_student.model import TransformerStudent
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
-CONFIG = Path(__file__).parents[2] / "configs" / "size_aupro.yaml"
+CONFIG = Path(__file__).parents[3] / "configs" / "size_aupro.yaml"
 
 
 def described(evaluator: Evaluator) -> list[tuple[str, type, bool]]:

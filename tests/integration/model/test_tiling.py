@@ -20,7 +20,7 @@ from PIL import Image
 
 from anomalib_transformer_student import TransformerStudent
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 pytestmark = pytest.mark.slow
 

@@ -105,7 +105,7 @@ def test_two_trainings_at_once_share_the_cache_folder_safely(tmp_path: Path) -> 
         torch.testing.assert_close(weights, reference, atol=1e-5, rtol=0, msg=lambda text, c=category: f"{c}: {text}")
 
     # Each process wrote its own spill file, holding its own category's images.
-    from ..helpers import listed_keys  # here, not at the top: this file also runs as a training's script
+    from ...helpers import listed_keys  # here, not at the top: this file also runs as a training's script
 
     (folder,) = cache.iterdir()
     indexes = {path.stem: listed_keys(path) for path in folder.glob("*.log")}

@@ -10,7 +10,7 @@ import torch
 
 from anomalib_transformer_student import TransformerStudent
 
-from ..helpers import checkpoints, data_args, run_cli
+from ...helpers import checkpoints, data_args, run_cli
 
 pytestmark = pytest.mark.slow
 TEACHER_ARGS = ["--model.teacher", "vit_small_patch14_dinov2", "--model.image_size", "112"]

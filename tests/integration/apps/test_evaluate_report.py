@@ -15,7 +15,7 @@ from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.cli import main
 from anomalib_transformer_student.metrics import FPR_LIMITS, SUBSETS
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,7 @@ from anomalib_transformer_student.training.teacher_checkpoint import (
     omit_teacher,
 )
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 SEED = 11
 EPOCHS = 3

@@ -16,7 +16,7 @@ from anomalib_transformer_student.training.checkpoint_compat import (
     check_checkpoint_compatible,
 )
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 DEPTH = 12
 

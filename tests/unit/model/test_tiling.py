@@ -20,7 +20,7 @@ from anomalib_transformer_student.training.data_checks import DataChecks
 from anomalib_transformer_student.training.feature_cache import TeacherFeatureCache, feature_fingerprint
 from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 SIZE = 56  # the teacher's input: 4 x 4 patches
 

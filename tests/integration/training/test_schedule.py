@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ..helpers import checkpoints, data_args, run_cli
+from ...helpers import checkpoints, data_args, run_cli
 
 pytestmark = pytest.mark.slow
 

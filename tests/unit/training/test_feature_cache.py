@@ -25,7 +25,7 @@ from anomalib_transformer_student.training.feature_cache import (
     image_key,
 )
 
-from ..helpers import listed_keys
+from ...helpers import listed_keys
 
 TOKENS, WIDTH = 16, 8
 ENTRY_BYTES = 2 * TOKENS * WIDTH * 2  # one float16 entry

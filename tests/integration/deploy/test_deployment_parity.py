@@ -20,7 +20,7 @@ from lightning.pytorch import seed_everything
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
-from ..helpers import SMALL_TEACHER
+from ...helpers import SMALL_TEACHER
 
 pytestmark = pytest.mark.slow
 
