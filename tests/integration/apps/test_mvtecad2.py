@@ -21,7 +21,6 @@ import torch
 from anomalib.data import MVTecAD2
 from anomalib.data.utils import read_image
 from anomalib.deploy import OpenVINOInferencer
-from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 from PIL import Image
 
@@ -30,6 +29,7 @@ from anomalib_transformer_student.apps import cli
 from anomalib_transformer_student.apps.evaluate import evaluate_checkpoint
 from anomalib_transformer_student.model.post_processing import QuantilePostProcessor
 
+from ...factories import make_engine, small_model
 from ...helpers import SMALL_TEACHER, checkpoints, run_cli
 
 CONFIG = Path(__file__).parents[3] / "configs" / "mvtecad2.yaml"
@@ -152,9 +152,7 @@ def test_python_api_on_all_three_test_sets_and_export(
 ) -> None:
     """Fit with the Python API; test on public, private and private_mixed; export; labels follow the thresholds."""
     seed_everything(0)
-    model = TransformerStudent(
-        teacher=SMALL_TEACHER,
-        pretrained=False,
+    model = small_model(
         image_size=SIZE,
         layers=(0, 1),  # two blocks: a small graph to export
         tile_size=SIZE,
@@ -163,7 +161,7 @@ def test_python_api_on_all_three_test_sets_and_export(
         post_processor=QuantilePostProcessor(image_quantile=IMAGE_QUANTILE, pixel_quantile=PIXEL_QUANTILE),
         visualizer=False,
     )
-    engine = Engine(max_epochs=1, default_root_dir=tmp_path / "api", logger=False, enable_progress_bar=False)
+    engine = make_engine(tmp_path / "api")
     datamodule = MVTecAD2(root=tree, category=CATEGORY, num_workers=0, train_batch_size=2, eval_batch_size=2)
     engine.fit(model, datamodule=datamodule)
     (public,) = engine.test(model, datamodule=datamodule, verbose=False)

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from anomalib.data import MVTecAD
 from anomalib.deploy import OpenVINOInferencer
-from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
-from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
-from ...helpers import SMALL_TEACHER
+from ...factories import make_datamodule, make_engine, small_model
 
 pytestmark = pytest.mark.slow
 
@@ -39,17 +36,15 @@ def test_openvino_labels_and_maps_equal_engine_predict_after_a_4x_shrink(
     monkeypatch.chdir(tmp_path)  # OpenVINOInferencer writes its cache into the working directory
     spec = DemoDatasetSpec(categories=("brick",), image_size=image_side, n_train=4, n_test_good=2, n_test_per_defect=1)
     root = generate_demo_dataset(tmp_path / "data", spec)
-    datamodule = MVTecAD(root=root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    datamodule = make_datamodule(root)
     seed_everything(0)
-    model = TransformerStudent(
-        teacher=SMALL_TEACHER, pretrained=False, image_size=TEACHER_SIDE, layers=(0, 1), lr=1e-3, **tiling
-    )
-    engine = Engine(max_epochs=2, default_root_dir=tmp_path / "results", logger=False, accelerator="cpu", devices=1)
+    model = small_model(image_size=TEACHER_SIDE, layers=(0, 1), lr=1e-3, **tiling)
+    engine = make_engine(tmp_path / "results", max_epochs=2)
     engine.fit(model, datamodule=datamodule)
     # Unseen images: none of their scores is one of the validation scores that set the thresholds, where a
     # rounding difference would decide the label.
     unseen = generate_demo_dataset(tmp_path / "unseen", replace(spec, n_test_good=3, n_test_per_defect=2, seed=1))
-    unseen_data = MVTecAD(root=unseen, category="brick", eval_batch_size=4, num_workers=0)
+    unseen_data = make_datamodule(unseen)
     predicted = [item for batch in engine.predict(model, datamodule=unseen_data) for item in batch]
     assert len(predicted) == 9
     # Both labels occur: a threshold that means something.

@@ -24,6 +24,7 @@ from torchmetrics.functional.classification import binary_auroc
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 
+from ...factories import TeacherCalls, make_datamodule, small_model
 from ...helpers import SMALL_MODEL_ARGS, checkpoints, data_args, run_cli
 
 pytestmark = pytest.mark.slow
@@ -270,7 +271,7 @@ def test_graph_holds_only_what_inference_needs(exports: dict[str, Path], checkpo
 def test_export_at_445_by_517_pads_resizes_and_matches_pytorch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A non-square input off the patch grid: edge-padded to a square and resized to the model's 448 in the graph."""
     monkeypatch.chdir(tmp_path)
-    model = TransformerStudent(pretrained=False, teacher="vit_small_patch14_dinov2", image_size=448, layers=(0, 1))
+    model = small_model(image_size=448, layers=(0, 1))
     path = model.eval().to_openvino(tmp_path / "export", input_size=(445, 517))
     shape = ov.Core().read_model(path).input(0).get_partial_shape()
     assert [shape[2].get_length(), shape[3].get_length()] == [445, 517]
@@ -291,27 +292,16 @@ def test_tiled_export_tiles_in_the_graph_and_matches_pytorch(tmp_path: Path, mon
     Eager, the teacher takes the tiles in chunks of ``tile_batch_size``; the graph runs them in one batch.
     """
     monkeypatch.chdir(tmp_path)
-    model = TransformerStudent(
-        pretrained=False,
-        teacher="vit_small_patch14_dinov2",
-        image_size=56,
-        layers=(0, 1),
-        tile_size=112,
-        tile_overlap=14,
-        tile_batch_size=4,
-    )
+    model = small_model(layers=(0, 1), tile_size=112, tile_overlap=14, tile_batch_size=4)
     assert model.tiling.layout(130, 250).count == 6
     path = model.eval().to_openvino(tmp_path / "export", input_size=(130, 250))
     operations = [operation.get_type_name() for operation in ov.Core().read_model(path).get_ops()]
     assert operations.count("ScaledDotProductAttention") == 2  # blocks 0 and 1, once: not one teacher per chunk
 
     images = torch.rand(2, 3, 130, 250, generator=torch.Generator().manual_seed(0))
-    teacher_batches = []
-    hook = model.model.teacher.register_forward_hook(lambda _m, inputs, _o: teacher_batches.append(len(inputs[0])))
-    with torch.no_grad():
+    with TeacherCalls(model) as teacher, torch.no_grad():
         expected = model(images)  # the exported forward, run eagerly
-    hook.remove()
-    assert teacher_batches == [4, 4, 4]  # the 6 tiles of each of the 2 images, in chunks of 4
+    assert teacher.batches == [4, 4, 4]  # the 6 tiles of each of the 2 images, in chunks of 4
     inferencer = OpenVINOInferencer(path, device="CPU", config=FP32)
     for image, expected_map, expected_score in zip(images, expected.anomaly_map, expected.pred_score, strict=True):
         actual = inferencer.predict(image)
@@ -321,20 +311,18 @@ def test_tiled_export_tiles_in_the_graph_and_matches_pytorch(tmp_path: Path, mon
 
 
 def test_calibrated_int8_needs_data_and_a_validated_model(checkpoint: Path, data: dict, tmp_path: Path) -> None:
-    from anomalib.data import MVTecAD
-
     trained = TransformerStudent.load_from_checkpoint(checkpoint)
     with pytest.raises(ValueError, match="calibrates on images: pass a datamodule"):
         trained.to_openvino(tmp_path, input_size=(SIZE, SIZE), compression_type="int8_ptq")
-    untrained = TransformerStudent(pretrained=False, teacher="vit_small_patch14_dinov2", image_size=SIZE)
-    datamodule = MVTecAD(root=data["train"], category="brick", num_workers=0)
+    untrained = small_model(image_size=SIZE)
+    datamodule = make_datamodule(data["train"], batch_size=32)  # anomalib's default batch sizes
     with pytest.raises(ValueError, match="needs a trained and validated model"):
         untrained.to_openvino(tmp_path, input_size=(SIZE, SIZE), compression_type="int8_ptq", datamodule=datamodule)
     assert not (tmp_path / "weights").exists()
 
 
 def test_untrained_model_exports_with_a_warning(checkpoint: Path, tmp_path: Path, caplog) -> None:
-    untrained = TransformerStudent(pretrained=False, teacher="vit_small_patch14_dinov2", image_size=SIZE)
+    untrained = small_model(image_size=SIZE)
     with caplog.at_level(logging.WARNING):
         assert untrained.to_torch(tmp_path / "untrained").exists()
     assert "raw, unnormalised scores" in caplog.text

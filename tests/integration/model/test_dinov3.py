@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD, PredictDataset
+from anomalib.data import PredictDataset
 from anomalib.data.utils import read_image
 from anomalib.deploy import ExportType, OpenVINOInferencer
-from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.training.teacher_weights import teacher_state_dict
 
+from ...factories import TeacherCalls, make_datamodule, make_engine
 from ...helpers import checkpoints, run_cli
 from ...unit.model.test_dinov3_teacher import official_layout, random_source
 
@@ -31,17 +31,6 @@ IMAGE_SIZE = 64  # 4 x 4 patches of 16 px; the demo images are 112 x 112
 LAYERS = (1, 3)
 TILE = 56  # 2 x 2 tiles of a demo image, a multiple of the teacher's 4 x 4 grid
 FP32 = {"INFERENCE_PRECISION_HINT": "f32"}  # CPUs with bf16 units would otherwise compute an FP32 graph in bf16
-
-
-def engine(root: Path, **trainer_arguments) -> Engine:
-    return Engine(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        **trainer_arguments,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +48,16 @@ def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         lr=1e-3,
         cache_dir=str(root / "cache"),
     )
-    seen: list[int] = []
-    hook = model.model.teacher.register_forward_hook(lambda _module, inputs, _outputs: seen.append(len(inputs[0])))
-    datamodule = MVTecAD(root=demo_root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
-    trainer = engine(root / "results", max_epochs=2)
-    trainer.fit(model, datamodule=datamodule)
-    seen_in_fit = sum(seen)
-    (metrics,) = trainer.test(model, datamodule=datamodule)
-    hook.remove()  # export traces the teacher: a hook reading the batch size would fix it in the graph
+    datamodule = make_datamodule(demo_root)
+    trainer = make_engine(root / "results", max_epochs=2)
+    # Removed on exit: export traces the teacher, and a hook reading the batch size would fix it in the graph.
+    with TeacherCalls(model) as seen:
+        trainer.fit(model, datamodule=datamodule)
+        seen_in_fit = seen.images
+        (metrics,) = trainer.test(model, datamodule=datamodule)
     return {
         "model": model, "engine": trainer, "weights": weights, "root": root, "metrics": metrics,
-        "seen": {"fit": seen_in_fit, "test": sum(seen) - seen_in_fit},
+        "seen": {"fit": seen_in_fit, "test": seen.images - seen_in_fit},
     }  # fmt: skip
 
 
@@ -102,11 +90,10 @@ def test_predict_whole_and_in_tiles_after_reload(fitted: dict, demo_root: Path) 
 
     tiled = TransformerStudent.load_from_checkpoint(checkpoint, tile_size=TILE)
     assert tiled.tiling.layout(112, 112).count == 4
-    tiles = []
-    tiled.model.teacher.register_forward_hook(lambda _module, inputs, _outputs: tiles.append(len(inputs[0])))
+    tiles = TeacherCalls(tiled)
     (batch, *_) = fitted["engine"].predict(tiled, dataset=PredictDataset(folder))
     assert batch.anomaly_map.shape[-2:] == (112, 112)
-    assert sum(tiles) == 4 * len(list(folder.glob("*.png")))
+    assert tiles.images == 4 * len(list(folder.glob("*.png")))
 
 
 @pytest.mark.parametrize("input_size", [(112, 112), None], ids=["fixed-size", "any-size"])

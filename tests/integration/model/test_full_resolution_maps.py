@@ -7,11 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from PIL import Image
 
-from anomalib_transformer_student import TransformerStudent
+from ...factories import make_datamodule, make_engine, small_model
 
 HEIGHT, WIDTH = 1000, 1500
 DEFECT_CENTRE, DEFECT_HALF_SIDE = (280, 1150), 60
@@ -48,20 +46,9 @@ def wide_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_defect_in_a_non_square_image_peaks_where_it_was_drawn(wide_dataset: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = TransformerStudent(
-        teacher="vit_small_patch14_dinov2", pretrained=False, image_size=224, lr=1e-3, cache_dir=str(tmp_path)
-    )
-    datamodule = MVTecAD(root=wide_dataset, category="wide", train_batch_size=2, eval_batch_size=2, num_workers=0)
-    engine = Engine(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        check_val_every_n_epoch=3,
-        num_sanity_val_steps=0,
-    )
+    model = small_model(image_size=224, lr=1e-3, cache_dir=str(tmp_path))
+    datamodule = make_datamodule(wide_dataset, category="wide", batch_size=2)
+    engine = make_engine(tmp_path, max_epochs=3, check_val_every_n_epoch=3)
     engine.fit(model, datamodule=datamodule)
 
     batch = next(iter(engine.predict(model, datamodule=datamodule)))

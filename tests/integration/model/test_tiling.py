@@ -13,14 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD, PredictDataset
-from anomalib.engine import Engine
+from anomalib.data import PredictDataset
 from lightning.pytorch import seed_everything
 from PIL import Image
 
-from anomalib_transformer_student import TransformerStudent
-
-from ...helpers import SMALL_TEACHER
+from ...factories import TeacherCalls, make_datamodule, make_engine, small_model
 
 pytestmark = pytest.mark.slow
 
@@ -59,33 +56,17 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fit_test_and_predict_on_tiles(dataset: Path, tmp_path: Path) -> None:
     seed_everything(0)
-    model = TransformerStudent(
-        teacher=SMALL_TEACHER, pretrained=False, image_size=TILE, layers=(1, 3), tile_size=TILE, lr=1e-3
-    )
+    model = small_model(image_size=TILE, layers=(1, 3), tile_size=TILE, lr=1e-3)
     assert model.tiling.layout(HEIGHT, WIDTH).count == TILES
-    tiles_seen = [0]
-
-    def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor], _outputs: object) -> None:
-        tiles_seen[0] += len(inputs[0])
-
-    model.model.teacher.register_forward_hook(count)
-    datamodule = MVTecAD(root=dataset, category="sheet", train_batch_size=2, eval_batch_size=1, num_workers=0)
-    engine = Engine(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        check_val_every_n_epoch=VALIDATE_EVERY,
-        num_sanity_val_steps=0,
-    )
+    tiles_seen = TeacherCalls(model)
+    datamodule = make_datamodule(dataset, category="sheet", batch_size=2, eval_batch_size=1)
+    engine = make_engine(tmp_path, max_epochs=EPOCHS, check_val_every_n_epoch=VALIDATE_EVERY)
     engine.fit(model, datamodule=datamodule)
     # Every tile of the training and the 2 evaluation images, once: later epochs and validations read the cache.
     distinct_tiles = N_TRAIN * TRAIN_TILES + 2 * TILES
-    assert tiles_seen[0] == distinct_tiles
+    assert tiles_seen.images == distinct_tiles
     (metrics,) = engine.test(model, datamodule=datamodule)
-    assert tiles_seen[0] == distinct_tiles
+    assert tiles_seen.images == distinct_tiles
     assert metrics["image_AUROC"] == 1.0  # the defective image scores above the good one
 
     predictions = engine.predict(model, dataset=PredictDataset(dataset / "sheet" / "test" / "spot"))

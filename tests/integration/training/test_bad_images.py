@@ -17,12 +17,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD
 from anomalib.data.utils import read_image
-from anomalib.engine import Engine
 from PIL import Image
 
-from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.training.data_checks import (
     ClippedImageError,
     CorruptImageError,
@@ -32,16 +29,11 @@ from anomalib_transformer_student.training.data_checks import (
     MaskSizeError,
 )
 
+from ...factories import make_datamodule, make_engine, small_model
 from ...helpers import SMALL_TEACHER, data_args, run_cli
 
 # A 4-block teacher at 56 px: the checks run before the teacher matters, and training stays cheap.
-MODEL_KWARGS = {
-    "teacher": SMALL_TEACHER,
-    "pretrained": False,
-    "image_size": 56,
-    "layers": (1, 3),
-    "feature_cache": False,
-}
+MODEL_KWARGS = {"layers": (1, 3), "feature_cache": False}  # with small_model's random teacher at 56 px
 CLI_MODEL_ARGS = [
     "--model", "TransformerStudent",
     "--model.pretrained", "false",
@@ -58,21 +50,6 @@ def root(demo_root: Path, tmp_path: Path) -> Path:
     """A private copy of the generated dataset, free to break."""
     shutil.copytree(demo_root / "brick", tmp_path / "data" / "brick")
     return tmp_path / "data"
-
-
-def _datamodule(root: Path, **kwargs: object) -> MVTecAD:
-    return MVTecAD(root=root, category="brick", num_workers=0, train_batch_size=4, **{"eval_batch_size": 4, **kwargs})
-
-
-def _engine(tmp_path: Path, callbacks: list | None = None) -> Engine:
-    return Engine(
-        max_epochs=1,
-        default_root_dir=tmp_path / "results",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
 
 
 def _truncate(path: Path) -> Path:
@@ -148,9 +125,9 @@ def _add_odd_images(root: Path) -> dict[str, tuple[Path, np.ndarray]]:
 
 def test_corrupt_training_images_fail_before_training_naming_every_file(root: Path, tmp_path: Path) -> None:
     bad = _break_training_images(root)
-    engine = _engine(tmp_path)
+    engine = make_engine(tmp_path / "results")
     with pytest.raises(CorruptImageError, match="2 file") as error:
-        engine.fit(TransformerStudent(**MODEL_KWARGS), datamodule=_datamodule(root))
+        engine.fit(small_model(**MODEL_KWARGS), datamodule=make_datamodule(root))
     message = str(error.value)
     for path in bad:
         assert str(path) in message
@@ -163,10 +140,10 @@ def test_skip_corrupt_images_warns_once_listing_every_skipped_file(
     root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad = _break_training_images(root)
-    datamodule = _datamodule(root)
-    engine = _engine(tmp_path, callbacks=[DataChecks(skip_corrupt_images=True)])
+    datamodule = make_datamodule(root)
+    engine = make_engine(tmp_path / "results", callbacks=[DataChecks(skip_corrupt_images=True)])
     with caplog.at_level(logging.WARNING, logger=CHECKS_LOGGER):
-        engine.fit(TransformerStudent(**MODEL_KWARGS), datamodule=datamodule)
+        engine.fit(small_model(**MODEL_KWARGS), datamodule=datamodule)
     warnings = [record.getMessage() for record in caplog.records if "Skipped" in record.getMessage()]
     assert len(warnings) == 1
     assert all(str(path) in warnings[0] for path in bad)
@@ -181,9 +158,9 @@ def test_a_datachecks_given_to_the_trainer_keeps_its_skip_setting(
 ) -> None:
     """Lightning replaces a trainer's callback by the module's of the same type: the user's setting must survive."""
     bad = _break_training_images(root)
-    engine = _engine(tmp_path, callbacks=[DataChecks(skip_corrupt_images=True)])
+    engine = make_engine(tmp_path / "results", callbacks=[DataChecks(skip_corrupt_images=True)])
     with caplog.at_level(logging.WARNING, logger=CHECKS_LOGGER):
-        engine.fit(TransformerStudent(**MODEL_KWARGS), datamodule=_datamodule(root))
+        engine.fit(small_model(**MODEL_KWARGS), datamodule=make_datamodule(root))
     warnings = [record.getMessage() for record in caplog.records if "Skipped" in record.getMessage()]
     assert len(warnings) == 1
     assert all(str(path) in warnings[0] for path in bad)
@@ -199,11 +176,11 @@ def test_an_image_over_pils_pixel_limit_is_not_called_corrupt_nor_skipped(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # refused above 40,000 px; the others are 112 x 112
     large = root / "brick" / "train" / "good" / "100_large.png"
     Image.new("RGB", (250, 250), (120, 80, 40)).save(large)
-    model = TransformerStudent(**MODEL_KWARGS)
-    engine = _engine(tmp_path, callbacks=[DataChecks(skip_corrupt_images=True)])
+    model = small_model(**MODEL_KWARGS)
+    engine = make_engine(tmp_path / "results", callbacks=[DataChecks(skip_corrupt_images=True)])
 
     with pytest.raises(ImageTooLargeError) as error:
-        engine.fit(model, datamodule=_datamodule(root))
+        engine.fit(model, datamodule=make_datamodule(root))
 
     message = str(error.value)
     assert str(large) in message
@@ -222,9 +199,9 @@ def test_grayscale_rgba_16bit_tiny_and_elongated_images_train_and_predict(
     for path, expected in odd.values():  # anomalib reads every one as the 8-bit RGB it stands for
         np.testing.assert_array_equal(np.round(read_image(path) * 255).astype(np.uint8), expected)
     # One image per evaluation batch: anomalib resizes a batch of mixed sizes to its largest image.
-    datamodule = _datamodule(root, eval_batch_size=1, val_split_mode="same_as_test")
-    model = TransformerStudent(**MODEL_KWARGS)
-    engine = _engine(tmp_path)
+    datamodule = make_datamodule(root, eval_batch_size=1, val_split_mode="same_as_test")
+    model = small_model(**MODEL_KWARGS)
+    engine = make_engine(tmp_path / "results")
     with caplog.at_level(logging.WARNING, logger=CHECKS_LOGGER):
         engine.fit(model, datamodule=datamodule)
     log = caplog.text
@@ -245,22 +222,22 @@ def test_grayscale_rgba_16bit_tiny_and_elongated_images_train_and_predict(
 def test_16bit_grayscale_that_anomalib_would_clip_is_refused(root: Path, tmp_path: Path) -> None:
     path = _clip_prone_image(root)
     with pytest.raises(ClippedImageError, match=re.escape(str(path))) as error:
-        _engine(tmp_path).fit(TransformerStudent(**MODEL_KWARGS), datamodule=_datamodule(root))
+        make_engine(tmp_path / "results").fit(small_model(**MODEL_KWARGS), datamodule=make_datamodule(root))
     assert "divide by 257" in str(error.value)
 
 
 def test_empty_training_folder_fails_naming_the_dataset(root: Path, tmp_path: Path) -> None:
     _empty_training_folder(root)
     with pytest.raises(EmptyTrainingSetError, match=r"MVTecAD\(root=.*category=brick\) is empty") as error:
-        _engine(tmp_path).fit(TransformerStudent(**MODEL_KWARGS), datamodule=_datamodule(root))
+        make_engine(tmp_path / "results").fit(small_model(**MODEL_KWARGS), datamodule=make_datamodule(root))
     assert "train/good" in str(error.value)
 
 
 def test_mask_of_another_size_fails_naming_image_and_mask(root: Path, tmp_path: Path) -> None:
     image, mask = _resize_mask(root)
-    engine = _engine(tmp_path)
+    engine = make_engine(tmp_path / "results")
     with pytest.raises(MaskSizeError) as error:
-        engine.fit(TransformerStudent(**MODEL_KWARGS), datamodule=_datamodule(root))
+        engine.fit(small_model(**MODEL_KWARGS), datamodule=make_datamodule(root))
     assert f"image {image} is 112x112, mask {mask} is 100x90" in str(error.value)
     assert engine.trainer.global_step == 0
 
@@ -269,7 +246,7 @@ def test_test_stage_checks_its_own_data(root: Path, tmp_path: Path) -> None:
     """`engine.test` on its own (no fit before it) checks the test set too."""
     image, mask = _resize_mask(root)
     with pytest.raises(MaskSizeError, match=re.escape(f"image {image} is 112x112, mask {mask}")):
-        _engine(tmp_path).test(TransformerStudent(**MODEL_KWARGS), datamodule=_datamodule(root))
+        make_engine(tmp_path / "results").test(small_model(**MODEL_KWARGS), datamodule=make_datamodule(root))
 
 
 # ---------------------------------------------------------------------------------------------- anomalib CLI
@@ -332,9 +309,9 @@ def test_predict_on_a_folder_names_or_skips_corrupt_images(root: Path, tmp_path:
     shutil.copytree(root / "brick" / "test" / "good", folder)
     bad = _truncate(folder / "001.png")
     with pytest.raises(CorruptImageError, match=re.escape(str(bad))):
-        _engine(tmp_path).predict(TransformerStudent(**MODEL_KWARGS), data_path=folder)
-    predictions = _engine(tmp_path, callbacks=[DataChecks(skip_corrupt_images=True)]).predict(
-        TransformerStudent(**MODEL_KWARGS), data_path=folder
+        make_engine(tmp_path / "results").predict(small_model(**MODEL_KWARGS), data_path=folder)
+    predictions = make_engine(tmp_path / "results", callbacks=[DataChecks(skip_corrupt_images=True)]).predict(
+        small_model(**MODEL_KWARGS), data_path=folder
     )
     names = sorted(Path(item.image_path).name for batch in predictions for item in batch)
     assert names == ["000.png", "002.png"]

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 
-from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DEFECT_TYPES, DemoDatasetSpec, generate_demo_dataset
+
+from ...factories import TeacherCalls, make_datamodule, make_engine, small_model
 
 N_TRAIN, N_GOOD, N_PER_DEFECT = 4, 2, 1
 N_EVAL = N_GOOD + N_PER_DEFECT * len(DEFECT_TYPES)
@@ -45,35 +44,18 @@ def fit_and_test(
     Returns the images the teacher saw in the fit and in the test, the test metrics and predictions.
     """
     seed_everything(0)
-    model = TransformerStudent(
-        teacher="vit_small_patch14_dinov2", pretrained=False, image_size=56, layers=(0, 1), **model_arguments
-    )
+    model = small_model(layers=(0, 1), **model_arguments)
     if not evaluation_cache:
         model.feature_caching.evaluation.enabled = False
-    images_seen = [0]
-
-    def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor], _outputs: object) -> None:
-        images_seen[0] += len(inputs[0])
-
-    model.model.teacher.register_forward_hook(count)
-    datamodule = MVTecAD(root=dataset, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    teacher = TeacherCalls(model)
+    datamodule = make_datamodule(dataset)
     predictions = PredictionRecorder()
-    engine = Engine(
-        max_epochs=EPOCHS,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        check_val_every_n_epoch=1,
-        num_sanity_val_steps=0,
-        callbacks=[predictions],
-    )
+    engine = make_engine(root, max_epochs=EPOCHS, check_val_every_n_epoch=1, callbacks=[predictions])
     engine.fit(model, datamodule=datamodule)
-    fit_images = images_seen[0]
+    fit_images = teacher.images
     (metrics,) = engine.test(model, datamodule=datamodule)
     assert model.feature_caching.evaluation.cache is None  # released after the test
-    return fit_images, images_seen[0] - fit_images, metrics, predictions
+    return fit_images, teacher.images - fit_images, metrics, predictions
 
 
 def test_teacher_runs_once_per_image_across_validations_and_test(dataset: Path, tmp_path: Path) -> None:

@@ -12,16 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 from torchvision.transforms.v2 import RandomHorizontalFlip
 
-from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 from anomalib_transformer_student.training import spill_file
 from anomalib_transformer_student.training.cache_folder import CacheRoot
+
+from ...factories import TeacherCalls, make_datamodule, make_engine, small_model
 
 N_TRAIN = 8
 
@@ -52,35 +51,13 @@ def train(
 ) -> tuple[list[float], int]:
     """Fit a small model; return the loss of every step and how many images the teacher saw."""
     seed_everything(0)
-    model = TransformerStudent(teacher="vit_small_patch14_dinov2", pretrained=False, image_size=56, **model_arguments)
-    images_seen = [0]
-
-    def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor], _outputs: object) -> None:
-        images_seen[0] += len(inputs[0])
-
-    model.model.teacher.register_forward_hook(count)
-    datamodule = MVTecAD(
-        root=dataset,
-        category="brick",
-        train_batch_size=4,
-        eval_batch_size=4,
-        num_workers=0,
-        train_augmentations=augmentations,
-    )
+    model = small_model(**model_arguments)
+    teacher = TeacherCalls(model)
+    datamodule = make_datamodule(dataset, train_augmentations=augmentations)
     recorder = recorder or LossRecorder()
-    engine = Engine(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=root,
-        logger=False,
-        callbacks=[recorder],
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    engine = make_engine(root, max_epochs=epochs, callbacks=[recorder], limit_val_batches=0)
     engine.fit(model, datamodule=datamodule)
-    return recorder.losses, images_seen[0]
+    return recorder.losses, teacher.images
 
 
 def test_cached_training_follows_the_uncached_loss_curve(dataset: Path, tmp_path: Path) -> None:
@@ -190,25 +167,9 @@ class FailAtSecondEpoch(Callback):
 
 def test_a_failed_fit_releases_its_cache(dataset: Path, tmp_path: Path) -> None:
     seed_everything(0)
-    model = TransformerStudent(
-        teacher="vit_small_patch14_dinov2",
-        pretrained=False,
-        image_size=56,
-        cache_dir=str(tmp_path / "cache"),
-        cache_memory_budget_mb=0,
-    )
-    datamodule = MVTecAD(root=dataset, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
-    engine = Engine(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=tmp_path,
-        logger=False,
-        callbacks=[FailAtSecondEpoch()],
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    model = small_model(cache_dir=str(tmp_path / "cache"), cache_memory_budget_mb=0)
+    datamodule = make_datamodule(dataset)
+    engine = make_engine(tmp_path, max_epochs=3, callbacks=[FailAtSecondEpoch()], limit_val_batches=0)
     with pytest.raises(RuntimeError, match="a failing fit"):
         engine.fit(model, datamodule=datamodule)
     assert model.feature_caching.training.cache is None

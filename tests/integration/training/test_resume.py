@@ -13,43 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.callbacks.checkpoint import ModelCheckpoint
-from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from anomalib_transformer_student import TransformerStudent
 
-from ...helpers import SMALL_TEACHER
+from ...factories import Interrupted, callbacks_with_interrupt, make_datamodule, make_engine, small_model
 
 SEED = 7
 EPOCHS = 3
 STOP_AT_EPOCH = 1  # killed when epoch 1 starts: epoch 0 is in the checkpoint, epochs 1 and 2 come after resuming
 
 
-class Interrupted(Exception):
-    """Stands for a killed process."""
-
-
-class InterruptAtEpoch(Callback):
-    """Raise when the given epoch starts, after the previous epoch's checkpoint was written."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: TransformerStudent) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise Interrupted
-
-
 def _model(workdir: Path, feature_cache: bool) -> TransformerStudent:
-    return TransformerStudent(
-        teacher=SMALL_TEACHER,
-        pretrained=False,
-        image_size=56,
-        layers=(1, 3),  # a 4-block teacher: cheap
-        feature_cache=feature_cache,
-        cache_dir=str(workdir / "cache"),
-    )
+    # layers (1, 3): a 4-block teacher, cheap
+    return small_model(layers=(1, 3), feature_cache=feature_cache, cache_dir=str(workdir / "cache"))
 
 
 def _fit(
@@ -62,19 +40,10 @@ def _fit(
 ) -> tuple[TransformerStudent, Engine]:
     """A seeded run as a user would start it (seed, datamodule, model, engine), optionally interrupted or resumed."""
     seed_everything(SEED)
-    datamodule = MVTecAD(root=root, category="brick", num_workers=0, train_batch_size=3, eval_batch_size=4)
+    datamodule = make_datamodule(root, batch_size=3, eval_batch_size=4)
     model = _model(workdir, feature_cache)
-    callbacks: list[Callback] = [ModelCheckpoint(dirpath=workdir / "checkpoints", save_last=True)]
-    if interrupt_at is not None:
-        callbacks.append(InterruptAtEpoch(interrupt_at))
-    engine = Engine(
-        max_epochs=epochs,
-        default_root_dir=workdir,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    checkpoint = ModelCheckpoint(dirpath=workdir / "checkpoints", save_last=True)
+    engine = make_engine(workdir, max_epochs=epochs, callbacks=callbacks_with_interrupt([checkpoint], interrupt_at))
     engine.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return model, engine
 

@@ -15,9 +15,7 @@ import pytest
 import timm
 import torch
 from anomalib.callbacks.checkpoint import ModelCheckpoint
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from safetensors.torch import save_file
 
 from anomalib_transformer_student import TransformerStudent
@@ -30,23 +28,11 @@ from anomalib_transformer_student.training.teacher_checkpoint import (
     omit_teacher,
 )
 
+from ...factories import Interrupted, callbacks_with_interrupt, make_datamodule, make_engine, small_model
 from ...helpers import SMALL_TEACHER
 
 SEED = 11
 EPOCHS = 3
-
-
-class Interrupted(Exception):
-    """Stands for a killed process."""
-
-
-class InterruptAtEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: TransformerStudent) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise Interrupted
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +47,14 @@ def _weights_file(path: Path, state: dict[str, torch.Tensor]) -> Path:
 
 
 def _model(weights: Path, workdir: Path) -> TransformerStudent:
-    return TransformerStudent(
-        teacher=SMALL_TEACHER,
-        pretrained=True,
-        teacher_weights=str(weights),
-        image_size=56,
-        layers=(0, 1),
-        cache_dir=str(workdir / "cache"),
-    )
+    return small_model(pretrained=True, teacher_weights=str(weights), layers=(0, 1), cache_dir=str(workdir / "cache"))
 
 
 def _fit(
     root: Path, weights: Path, workdir: Path, interrupt_at: int | None = None, ckpt_path: Path | None = None
 ) -> TransformerStudent:
     seed_everything(SEED)
-    datamodule = MVTecAD(root=root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
+    datamodule = make_datamodule(root)
     model = _model(weights, workdir)
     checkpoint = ModelCheckpoint(
         dirpath=workdir / "checkpoints",
@@ -85,17 +64,7 @@ def _fit(
         every_n_epochs=1,
         save_last=True,
     )
-    callbacks: list[Callback] = [checkpoint]
-    if interrupt_at is not None:
-        callbacks.append(InterruptAtEpoch(interrupt_at))
-    engine = Engine(
-        max_epochs=EPOCHS,
-        default_root_dir=workdir,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    engine = make_engine(workdir, max_epochs=EPOCHS, callbacks=callbacks_with_interrupt([checkpoint], interrupt_at))
     engine.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return model
 
@@ -237,7 +206,7 @@ def test_a_checkpoint_naming_another_teacher_makes_the_model_fetch_nothing(
     def never_fetch(name: str, weights: str | None) -> dict[str, torch.Tensor]:
         raise AssertionError(f"fetched or built '{name}' for a foreign checkpoint")
 
-    model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=True, image_size=56, layers=(0, 1))
+    model = small_model(pretrained=True, layers=(0, 1))
     checkpoint = _teacherless(model, TeacherSource("vit_giant_patch14_reg4_dinov2.lvd142m", None))
     monkeypatch.setattr(teacher_weights, "teacher_state_dict", never_fetch)
 

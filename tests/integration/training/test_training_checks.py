@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from safetensors.torch import save_file
 
-from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.teacher import create_backbone
 from anomalib_transformer_student.training.finite_features import NonFiniteFeaturesError
 
+from ...factories import make_datamodule, make_engine, small_model
 from ...helpers import SMALL_TEACHER
 
 
@@ -24,11 +22,9 @@ def test_broken_weights_file_stops_training_at_the_first_batch(demo_root: Path, 
     state["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
     weights = tmp_path / "teacher.safetensors"
     save_file(state, weights)
-    model = TransformerStudent(
-        teacher=SMALL_TEACHER, teacher_weights=str(weights), image_size=56, layers=(1, 3), feature_cache=False
-    )
-    datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
-    engine = Engine(max_epochs=3, default_root_dir=tmp_path / "results", logger=False, enable_progress_bar=False)
+    model = small_model(pretrained=True, teacher_weights=str(weights), layers=(1, 3), feature_cache=False)
+    datamodule = make_datamodule(demo_root)
+    engine = make_engine(tmp_path / "results", max_epochs=3)
     with pytest.raises(NonFiniteFeaturesError) as error:
         engine.fit(model, datamodule=datamodule)
     message = str(error.value)

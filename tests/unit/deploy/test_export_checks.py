@@ -9,11 +9,11 @@ from anomalib.deploy.export import CompressionType
 
 from anomalib_transformer_student import TransformerStudent
 
-from ...helpers import SMALL_TEACHER
+from ...factories import small_model
 
 
 def _model(**overrides) -> TransformerStudent:
-    return TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=56, layers=(0, 1), **overrides)
+    return small_model(layers=(0, 1), **overrides)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.pre_processing import OriginalSizePreProcessor
 
-from ...helpers import SMALL_TEACHER
+from ...factories import small_model
 
 SIZE = 224
 ORIGINAL = (150, 100)
@@ -33,7 +33,7 @@ def _resize() -> Compose:
 
 def _model(**overrides) -> TransformerStudent:
     torch.manual_seed(0)
-    model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=SIZE, layers=(1, 3), **overrides)
+    model = small_model(image_size=SIZE, layers=(1, 3), **overrides)
     model.pre_processor.export_transform = model.pre_processor.transform
     return model.eval()
 

@@ -8,9 +8,10 @@ from anomalib.data.transforms import SquarePad
 from anomalib.models.image.l2bt.anomaly_map import L2BTAnomalyMapGenerator
 from torch.nn import functional
 
-from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.anomaly_map import AnomalyMapGenerator, square_padding
 from anomalib_transformer_student.model.pre_processing import OriginalSizePreProcessor, square_resize_transform
+
+from ...factories import small_model
 
 
 def reference_map(patch_map: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
@@ -72,7 +73,7 @@ def test_pre_processor_keeps_evaluation_batches_at_original_size() -> None:
 
 
 def test_exported_model_returns_the_map_at_the_input_size() -> None:
-    model = TransformerStudent(teacher="vit_small_patch14_dinov2", pretrained=False, image_size=56).eval()
+    model = small_model().eval()
     image = torch.rand(1, 3, 150, 100)
     exported = torch.export.export(model, (image,)).module()
     with torch.no_grad():

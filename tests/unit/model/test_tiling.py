@@ -20,14 +20,14 @@ from anomalib_transformer_student.training.data_checks import DataChecks
 from anomalib_transformer_student.training.feature_cache import TeacherFeatureCache, feature_fingerprint
 from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
 
-from ...helpers import SMALL_TEACHER
+from ...factories import TeacherCalls, small_model
 
 SIZE = 56  # the teacher's input: 4 x 4 patches
 
 
 def _model(**overrides) -> TransformerStudent:
     torch.manual_seed(0)
-    model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=SIZE, layers=(1, 3), **overrides)
+    model = small_model(image_size=SIZE, layers=(1, 3), **overrides)
     model.post_processor = None  # raw maps
     return model.eval()
 
@@ -132,11 +132,10 @@ def test_tiles_reach_the_teacher_in_chunks_of_tile_batch_size() -> None:
     at_once.load_state_dict(chunked.state_dict())
     images = torch.rand(1, 3, 130, 250, generator=torch.Generator().manual_seed(3))
     assert chunked.tiling.layout(130, 250).count == 15
-    batches = []
-    chunked.model.teacher.register_forward_hook(lambda _m, inputs, _o: batches.append(len(inputs[0])))
+    teacher = TeacherCalls(chunked)
     with torch.no_grad():
         expected, actual = at_once._predict(images), chunked._predict(images)
-    assert batches == [4, 4, 4, 3]
+    assert teacher.batches == [4, 4, 4, 3]
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=1e-5, rtol=0)
 
 
@@ -307,7 +306,7 @@ def test_tiling_options_from_the_constructor() -> None:
 )
 def test_bad_tiling_fails_at_construction_naming_the_setting(options: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=SIZE, layers=(1, 3), **options)
+        small_model(image_size=SIZE, layers=(1, 3), **options)
 
 
 def test_too_many_tiles_fail_naming_a_tile_size_that_works() -> None:

@@ -13,6 +13,8 @@ from PIL import Image
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
 
+from ...factories import TeacherCalls, small_model
+
 
 def trainer(**datamodule_attributes: object) -> SimpleNamespace:
     """What ``CachedTeacherFeatures.open`` reads of a trainer."""
@@ -29,30 +31,12 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (70, 50)) -> torc
     return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
 
 
-class ImageCounter(list):
-    """Forward hook counting the images a module sees (in ``[0]``); picklable, unlike a lambda."""
-
-    def __init__(self) -> None:
-        super().__init__([0])
-
-    def __call__(self, _module: torch.nn.Module, inputs: tuple[torch.Tensor], _outputs: object) -> None:
-        self[0] += len(inputs[0])
-
-
 @pytest.fixture
-def model(tmp_path: Path) -> tuple[TransformerStudent, ImageCounter]:
+def model(tmp_path: Path) -> tuple[TransformerStudent, TeacherCalls]:
     """A small eval-mode model whose teacher counts the images it sees."""
     torch.manual_seed(0)
-    student = TransformerStudent(
-        teacher="vit_small_patch14_dinov2",
-        pretrained=False,
-        image_size=56,
-        layers=(0, 1),
-        cache_dir=str(tmp_path / "cache"),
-    ).eval()
-    seen = ImageCounter()
-    student.model.teacher.register_forward_hook(seen)
-    return student, seen
+    student = small_model(layers=(0, 1), cache_dir=str(tmp_path / "cache")).eval()
+    return student, TeacherCalls(student)
 
 
 def open_for(model: TransformerStudent, stage: str = "validate", **datamodule_attributes: object) -> None:
@@ -73,15 +57,15 @@ def test_cached_maps_and_scores_equal_fresh_ones(model, tmp_path: Path) -> None:
     images = torch.stack([write_image(Path(path), index) for index, path in enumerate(paths)])
     fresh = student._predict(images)  # no paths: never cached
     open_for(student)
-    seen[0] = 0
+    seen.reset()
     first = student._predict(images[:2], paths[:2])
-    assert seen[0] == 2
+    assert seen.images == 2
     # A batch mixing cached and new images, in another order: only the new one runs.
     order = [2, 0, 1]
     second = student._predict(images[order], [paths[index] for index in order])
-    assert seen[0] == 3
+    assert seen.images == 3
     third = student._predict(images, paths)
-    assert seen[0] == 3
+    assert seen.images == 3
     assert student.feature_caching.evaluation.cache.hits == 5
     assert_same(first, fresh, [0, 1])
     assert_same(second, fresh, order)
@@ -91,10 +75,10 @@ def test_cached_maps_and_scores_equal_fresh_ones(model, tmp_path: Path) -> None:
     open_for(student, "test")
     assert student.feature_caching.evaluation.cache is cache
     student._predict(images, paths)
-    assert seen[0] == 3
+    assert seen.images == 3
     # forward, the export path, never uses the cache.
     student(images)
-    assert seen[0] == 6
+    assert seen.images == 6
 
 
 @torch.no_grad()
@@ -105,9 +89,9 @@ def test_changed_image_and_changed_teacher_are_recomputed(model, tmp_path: Path)
     open_for(student)
     student._predict(image, [str(path)])
     changed = write_image(path, 1)[None]  # same path, new bytes
-    seen[0] = 0
+    seen.reset()
     cached = student._predict(changed, [str(path)])
-    assert seen[0] == 1
+    assert seen.images == 1
     assert_same(cached, student._predict(changed))
     # A teacher changed in place (a checkpoint loaded into it) gets another fingerprint.
     fingerprint = student.feature_caching.evaluation.fingerprint
@@ -115,9 +99,9 @@ def test_changed_image_and_changed_teacher_are_recomputed(model, tmp_path: Path)
         next(student.model.teacher.parameters()).add_(1.0)
     open_for(student, "test")
     assert student.feature_caching.evaluation.fingerprint != fingerprint
-    seen[0] = 0
+    seen.reset()
     student._predict(changed, [str(path)])
-    assert seen[0] == 1
+    assert seen.images == 1
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from anomalib_transformer_student.training.feature_cache import (
     image_key,
 )
 
+from ...factories import small_model
 from ...helpers import listed_keys
 
 TOKENS, WIDTH = 16, 8
@@ -336,8 +337,7 @@ def test_a_full_disk_stops_spilling_not_training(
 
 
 def _model(**overrides) -> TransformerStudent:
-    arguments = {"teacher": "vit_small_patch14_dinov2", "pretrained": False, "image_size": 56, **overrides}
-    return TransformerStudent(**arguments)
+    return small_model(**overrides)
 
 
 def _copy_weights(source: TransformerStudent, target: TransformerStudent) -> None:

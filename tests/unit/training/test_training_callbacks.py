@@ -8,13 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.training.data_checks import DataChecks
 from anomalib_transformer_student.training.finite_features import NonFiniteFeaturesError
 from anomalib_transformer_student.training.rng_state import LEGACY_KEY, RandomGeneratorState, capture_rng_state
 from anomalib_transformer_student.training.schedule import PaperSchedule
 
-SMALL = {"teacher": "vit_small_patch14_dinov2", "pretrained": False, "image_size": 56, "layers": (1, 3)}
+from ...factories import small_model
+
+SMALL = {"layers": (1, 3)}  # with small_model's random teacher at 56 px
 
 
 def _draws() -> tuple:
@@ -45,7 +46,7 @@ def test_rng_state_of_checkpoints_written_before_the_callback_is_restored() -> N
 
 
 def test_the_module_brings_its_callbacks_and_adopts_a_trainers_skip_setting() -> None:
-    model = TransformerStudent(**SMALL)
+    model = small_model(**SMALL)
     model._trainer = SimpleNamespace(callbacks=[DataChecks(skip_corrupt_images=True), RandomGeneratorState()])
     callbacks = model.configure_callbacks()
     kinds = [type(callback) for callback in callbacks]
@@ -56,7 +57,7 @@ def test_the_module_brings_its_callbacks_and_adopts_a_trainers_skip_setting() ->
 
 
 def test_nan_features_stop_training_at_an_epochs_first_batch_naming_the_source() -> None:
-    model = TransformerStudent(**SMALL)
+    model = small_model(**SMALL)
     tokens = torch.zeros(1, 4, 8)
     model.check_features(1, tokens, tokens / 0, torch.zeros(1, 3, 56, 56))  # later batches are not checked
     with pytest.raises(NonFiniteFeaturesError, match="deep layer: 32 NaN"):
@@ -64,7 +65,7 @@ def test_nan_features_stop_training_at_an_epochs_first_batch_naming_the_source()
 
 
 def test_checkpoint_hooks_record_the_architecture_and_keep_a_random_teacher() -> None:
-    model = TransformerStudent(**SMALL)
+    model = small_model(**SMALL)
     checkpoint = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     assert checkpoint["transformer_student_architecture"] == {
