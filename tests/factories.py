@@ -7,6 +7,7 @@ from one test to the next is what the test is about.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,26 @@ class InterruptAtEpoch(Callback):
 def callbacks_with_interrupt(callbacks: Sequence[Callback], interrupt_at: int | None) -> list[Callback]:
     """``callbacks``, followed by an :class:`InterruptAtEpoch` when ``interrupt_at`` is given."""
     return [*callbacks, *([] if interrupt_at is None else [InterruptAtEpoch(interrupt_at)])]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A model fitted once for the tests that only read it: its engine, datamodule and a saved checkpoint."""
+
+    engine: Engine
+    model: TransformerStudent
+    datamodule: MVTecAD
+    checkpoint: Path
+
+
+def train_small(data_root: Path, workdir: Path, epochs: int = 2, image_size: int = 112) -> Trained:
+    """Fit :func:`small_model` on ``data_root``'s brick (seeded) and save its checkpoint alone in a folder."""
+    torch.manual_seed(0)
+    datamodule = make_datamodule(data_root)
+    model = small_model(image_size=image_size)
+    engine = make_engine(workdir / "results", max_epochs=epochs)
+    engine.fit(model, datamodule=datamodule)
+    checkpoint = workdir / "checkpoint" / "brick.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    engine.trainer.save_checkpoint(checkpoint)
+    return Trained(engine, model, datamodule, checkpoint)

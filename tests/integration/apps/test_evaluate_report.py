@@ -6,30 +6,21 @@ import csv
 from pathlib import Path
 
 import pytest
-from anomalib.data import MVTecAD
 from anomalib.data.datamodules.image import mvtecad
-from anomalib.engine import Engine
 from PIL import Image
 
-from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.cli import main
 from anomalib_transformer_student.metrics import FPR_LIMITS, SUBSETS
 
-from ...helpers import SMALL_TEACHER
+from ...factories import Trained
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("evaluate")
-    datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
-    model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=112)
-    engine = Engine(max_epochs=1, default_root_dir=workdir, logger=False)
-    engine.fit(model, datamodule=datamodule)
-    path = workdir / "brick.ckpt"
-    engine.trainer.save_checkpoint(path)
-    return path
+@pytest.fixture
+def checkpoint(trained_small: Trained) -> Path:
+    """The session's small model's checkpoint, alone in its folder (``trained_small`` in conftest.py)."""
+    return trained_small.checkpoint
 
 
 @pytest.mark.parametrize("options", [[], ["--curve", "authors"]], ids=["exact", "authors"])
