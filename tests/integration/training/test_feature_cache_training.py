@@ -60,6 +60,13 @@ def train(
     return recorder.losses, teacher.images
 
 
+@pytest.fixture(scope="module")
+def uncached_two_epochs(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    """The loss of every step of a 2-epoch fit without the cache: the reference of the tests that only read it."""
+    losses, _ = train(dataset, tmp_path_factory.mktemp("uncached"), epochs=2, feature_cache=False)
+    return losses
+
+
 def test_cached_training_follows_the_uncached_loss_curve(dataset: Path, tmp_path: Path) -> None:
     reference, reference_images = train(dataset, tmp_path, feature_cache=False)
     assert len(reference) == 3 * N_TRAIN // 4
@@ -108,9 +115,13 @@ def test_a_rewritten_training_image_is_recomputed(dataset: Path, tmp_path: Path)
 
 
 def test_a_full_disk_leaves_training_running(
-    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    uncached_two_epochs: list[float],
 ) -> None:
-    reference, _ = train(dataset, tmp_path, epochs=2, feature_cache=False)
+    reference = uncached_two_epochs
 
     def full_disk(*_arguments) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -145,9 +156,9 @@ def test_augmented_training_turns_the_cache_off(
 
 
 def test_an_unusable_cache_folder_turns_caching_off_with_one_warning(
-    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, uncached_two_epochs: list[float]
 ) -> None:
-    reference, _ = train(dataset, tmp_path, epochs=2, feature_cache=False)
+    reference = uncached_two_epochs
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):

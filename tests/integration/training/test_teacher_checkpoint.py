@@ -85,13 +85,25 @@ def _teacher(model: TransformerStudent) -> dict[str, torch.Tensor]:
     return {key: value.clone() for key, value in model.model.teacher.backbone.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(
+    demo_root: Path, tmp_path_factory: pytest.TempPathFactory, teacher_state: dict[str, torch.Tensor]
+) -> tuple[TransformerStudent, Path, Path]:
+    """One uninterrupted seeded fit from a teacher weights file: the model, the file and the run's folder.
+
+    Read by both tests below; the first then overwrites and deletes the weights file, which the second never uses.
+    """
+    root = tmp_path_factory.mktemp("uninterrupted")
+    weights = _weights_file(root / "teacher.safetensors", teacher_state)
+    return _fit(demo_root, weights, root / "run"), weights, root / "run"
+
+
 @pytest.mark.slow
 def test_teacher_left_out_before_the_last_epoch_and_reloaded(
-    demo_root: Path, tmp_path: Path, teacher_state: dict[str, torch.Tensor]
+    uninterrupted: tuple[TransformerStudent, Path, Path], teacher_state: dict[str, torch.Tensor]
 ) -> None:
-    weights = _weights_file(tmp_path / "teacher.safetensors", teacher_state)
-    trained = _fit(demo_root, weights, tmp_path / "run")
-    directory = tmp_path / "run" / "checkpoints"
+    trained, weights, run = uninterrupted
+    directory = run / "checkpoints"
     intermediate, final = directory / "epoch1.ckpt", directory / "epoch2.ckpt"
 
     for path in (directory / "epoch0.ckpt", intermediate):
@@ -137,10 +149,13 @@ def test_teacher_left_out_before_the_last_epoch_and_reloaded(
 
 @pytest.mark.slow
 def test_resume_from_a_teacherless_checkpoint_equals_an_uninterrupted_run(
-    demo_root: Path, tmp_path: Path, teacher_state: dict[str, torch.Tensor]
+    demo_root: Path,
+    tmp_path: Path,
+    teacher_state: dict[str, torch.Tensor],
+    uninterrupted: tuple[TransformerStudent, Path, Path],
 ) -> None:
-    weights = _weights_file(tmp_path / "teacher.safetensors", teacher_state)
-    reference = _fit(demo_root, weights, tmp_path / "uninterrupted")
+    weights = _weights_file(tmp_path / "teacher.safetensors", teacher_state)  # the same weights in a file of its own
+    reference, _, _ = uninterrupted
 
     workdir = tmp_path / "interrupted"
     with pytest.raises(Interrupted):
