@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
 from anomalib_transformer_student.training.feature_cache import image_key
 
+from ...factories import make_datamodule, make_engine
 from ...helpers import checkpoints, data_args, listed_keys, run_cli
 
 pytestmark = pytest.mark.slow
@@ -44,18 +44,8 @@ def fit_with_two_processes(dataset: Path, workdir: Path, model: dict | None = No
 
 
 def datamodule(dataset: Path) -> MVTecAD:
-    return MVTecAD(root=dataset, category="brick", train_batch_size=2, eval_batch_size=4, num_workers=0)
-
-
-def engine(workdir: Path, **trainer_arguments) -> Engine:
-    return Engine(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=workdir,
-        logger=False,
-        enable_progress_bar=False,
-        **trainer_arguments,
-    )
+    """In this process, the batches of the two-process run."""
+    return make_datamodule(dataset, batch_size=2, eval_batch_size=4)
 
 
 def test_two_processes_pass_each_image_through_the_teacher_once_and_test_like_one(tmp_path: Path) -> None:
@@ -80,13 +70,15 @@ def test_two_processes_pass_each_image_through_the_teacher_once_and_test_like_on
     assert len(training[0]) + len(training[1]) == N_TRAIN
     assert "2 processes train together: cached features go to disk" in output
 
-    (ddp_metrics,) = engine(tmp_path / "ddp").test(
-        TransformerStudent(**MODEL), datamodule=datamodule(dataset), ckpt_path=ddp_checkpoint
+    (ddp_metrics,) = make_engine(tmp_path / "ddp").test(
+        TransformerStudent(**MODEL),
+        datamodule=datamodule(dataset),
+        ckpt_path=ddp_checkpoint,
     )
 
     seed_everything(0)
     single = TransformerStudent(**MODEL, cache_dir=str(tmp_path / "single"))
-    single_engine = engine(tmp_path / "single", max_epochs=3)
+    single_engine = make_engine(tmp_path / "single", max_epochs=3)
     single_engine.fit(single, datamodule=datamodule(dataset))
     (single_metrics,) = single_engine.test(single, datamodule=datamodule(dataset))
 
