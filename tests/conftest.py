@@ -1,12 +1,19 @@
-"""Shared fixtures: a tiny generated MVTec-AD-layout dataset (helpers live in ``tests/helpers.py``)."""
+"""Shared fixtures: a tiny generated MVTec-AD-layout dataset and a model trained on it once per session.
+
+Helpers live in ``tests/helpers.py``, factories (model, engine, datamodule, counters) in ``tests/factories.py``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
+
+if TYPE_CHECKING:
+    from .factories import Trained
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +22,15 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo_data")
     spec = DemoDatasetSpec(categories=("brick",), image_size=112, n_train=8, n_test_good=3, n_test_per_defect=2)
     return generate_demo_dataset(root, spec)
+
+
+@pytest.fixture(scope="session")
+def trained_small(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The small model (random ViT-S/14 teacher, 112 px) fitted two epochs on ``demo_root``, once per session.
+
+    For tests that only read a trained model (test, predict, reload, evaluate its checkpoint); a test that
+    changes the model or its checkpoint trains its own.
+    """
+    from .factories import train_small  # torch and anomalib load only for the tests that use it
+
+    return train_small(demo_root, tmp_path_factory.mktemp("trained_small"))

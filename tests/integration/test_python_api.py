@@ -12,17 +12,13 @@ from anomalib.engine import Engine
 
 from anomalib_transformer_student import TransformerStudent
 
-from ..helpers import SMALL_TEACHER
+from ..factories import Trained, small_model
 
 
-@pytest.fixture(scope="module")
-def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, TransformerStudent, MVTecAD]:
-    torch.manual_seed(0)
-    datamodule = MVTecAD(root=demo_root, category="brick", num_workers=0, train_batch_size=4, eval_batch_size=4)
-    model = TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=112)
-    engine = Engine(max_epochs=2, default_root_dir=tmp_path_factory.mktemp("api"), logger=False)
-    engine.fit(model, datamodule=datamodule)
-    return engine, model, datamodule
+@pytest.fixture
+def fitted(trained_small: Trained) -> tuple[Engine, TransformerStudent, MVTecAD]:
+    """The session's small model, fitted two epochs with ``Engine.fit`` (``trained_small`` in conftest.py)."""
+    return trained_small.engine, trained_small.model, trained_small.datamodule
 
 
 def test_test_reports_image_and_pixel_auroc(fitted: tuple[Engine, TransformerStudent, MVTecAD]) -> None:
@@ -59,7 +55,7 @@ def test_checkpoint_round_trip_gives_same_scores(
     torch.testing.assert_close(actual.pred_score, expected.pred_score)
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
     # Trained students differ from freshly initialised ones, so the comparison is not trivial.
-    fresh = TransformerStudent(teacher=SMALL_TEACHER, pretrained=False, image_size=112)
+    fresh = small_model(image_size=112)
     assert not torch.equal(
         fresh.model.forward_student.layers[0].weight, reloaded.model.forward_student.layers[0].weight
     )

@@ -12,7 +12,7 @@ and the per-region overlap are exact (they count the pixels at or above the edge
 exact curve sampled at the bin edges and joined linearly; it is integrated with the trapezoid rule from
 ``(0, 0)`` to ``fpr_limit`` (the point at the limit interpolated) and normalised by the limit, as anomalib's
 AUPRO is. On maps whose scores spread over many bins the two agree to about 1e-3
-(``tests/unit/test_binned_aupro.py``).
+(``tests/unit/metrics/test_binned_aupro.py``).
 """
 
 from collections.abc import Sequence

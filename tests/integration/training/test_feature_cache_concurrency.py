@@ -1,0 +1,155 @@
+"""Processes sharing one teacher-feature cache folder: two trainings at once, and a writer killed by SIGKILL.
+
+Run as a script, this file is one of the two trainings (see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, seed_everything
+
+from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.training.feature_cache import TeacherFeatureCache, feature_fingerprint, image_key
+
+CATEGORIES = ("brick", "grass")
+EPOCHS = 3
+N_TRAIN = 6
+
+
+class Barrier(Callback):
+    """Hold training until every process has reached it, so that the caches open (and fill) at the same time."""
+
+    def __init__(self, folder: Path, name: str, names: Sequence[str]) -> None:
+        self.folder, self.name, self.names = folder, name, names
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        (self.folder / self.name).touch()
+        deadline = time.monotonic() + 120
+        while not all((self.folder / name).exists() for name in self.names):
+            assert time.monotonic() < deadline, "the other training never started"
+            time.sleep(0.005)
+
+
+def fit(root: Path, category: str, workdir: Path, cache_dir: Path | None, barrier: Barrier | None = None) -> dict:
+    """Train on ``category`` with the cache in ``cache_dir`` (or without a cache); return the students' weights."""
+    seed_everything(0)
+    model = TransformerStudent(
+        teacher="vit_small_patch14_dinov2",
+        pretrained=False,
+        image_size=56,
+        feature_cache=cache_dir is not None,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        cache_dtype="float32",
+        cache_memory_budget_mb=0,
+    )
+    engine = Engine(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        check_val_every_n_epoch=EPOCHS + 1,
+        num_sanity_val_steps=0,
+        default_root_dir=workdir,
+        callbacks=[] if barrier is None else [barrier],
+    )
+    datamodule = MVTecAD(root=root, category=category, train_batch_size=2, eval_batch_size=2, num_workers=0)
+    engine.fit(model, datamodule=datamodule)
+    return {name: value.clone() for name, value in model.model.state_dict().items() if "student" in name}
+
+
+def main(root: str, category: str, workdir: str, cache_dir: str, barrier: str) -> None:
+    """One of the concurrent trainings: fit, then save the students' weights to ``workdir/students.pt``."""
+    weights = fit(Path(root), category, Path(workdir), Path(cache_dir), Barrier(Path(barrier), category, CATEGORIES))
+    torch.save(weights, Path(workdir) / "students.pt")
+
+
+def test_two_trainings_at_once_share_the_cache_folder_safely(tmp_path: Path) -> None:
+    spec = DemoDatasetSpec(categories=CATEGORIES, image_size=64, n_train=N_TRAIN, n_test_good=1, n_test_per_defect=1)
+    root = generate_demo_dataset(tmp_path / "data", spec)
+    cache, barrier = tmp_path / "cache", tmp_path / "barrier"
+    barrier.mkdir()
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    trainings = {}
+    for category in CATEGORIES:
+        workdir = tmp_path / category
+        workdir.mkdir()
+        command = [sys.executable, __file__, str(root), category, str(workdir), str(cache), str(barrier)]
+        trainings[category] = subprocess.Popen(
+            command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    for training in trainings.values():
+        output, _ = training.communicate(timeout=300)
+        assert training.returncode == 0, output[-3000:]
+
+    # Each trained on its own features: its weights agree with an uncached run of its category to 1e-5. The
+    # float32 cache hands back what the teacher computed in epoch 1; the uncached run recomputes it on other
+    # batches, whose float32 sums round differently, and Adam's normalised steps carry that to about 1e-6 on a
+    # few weights (3e-7 measured in one process, 1e-6 across processes). Features of another image move
+    # weights by 1e-4 and more (lr per step; brick and grass end 2e-3 apart).
+    for category in CATEGORIES:
+        weights = torch.load(tmp_path / category / "students.pt")
+        reference = fit(root, category, tmp_path / f"{category}-uncached", cache_dir=None)
+        torch.testing.assert_close(weights, reference, atol=1e-5, rtol=0, msg=lambda text, c=category: f"{c}: {text}")
+
+    # Each process wrote its own spill file, holding its own category's images.
+    from ...helpers import listed_keys  # here, not at the top: this file also runs as a training's script
+
+    (folder,) = cache.iterdir()
+    indexes = {path.stem: listed_keys(path) for path in folder.glob("*.log")}
+    assert set(indexes) == {"rank0", "rank0-1"}
+    expected = [{image_key(path) for path in (root / name / "train" / "good").iterdir()} for name in CATEGORIES]
+    assert sorted(indexes.values(), key=sorted) == sorted(expected, key=sorted)
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+descriptor = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_writer_killed_by_sigkill_leaves_its_file_to_the_next_run(tmp_path: Path) -> None:
+    pytest.importorskip("fcntl")
+    fingerprint = feature_fingerprint({"teacher": "fake"})
+    entry = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    first = TeacherFeatureCache(tmp_path, fingerprint, memory_budget_mb=0)
+    first.put("a", entry)
+    first.close()
+
+    # A training that holds rank0 (as a running one does) ...
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(first.folder / "rank0.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        meanwhile = TeacherFeatureCache(tmp_path, fingerprint, memory_budget_mb=0)
+        assert meanwhile.spill.data_path.name == "rank0-1.bin"
+        torch.testing.assert_close(meanwhile.get("a"), entry.half())  # read from rank0, never written
+        meanwhile.close()
+    finally:
+        # ... is killed: the kernel drops its lock, and the next run adopts rank0.
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    after = TeacherFeatureCache(tmp_path, fingerprint, memory_budget_mb=0)
+    assert after.spill.data_path.name == "rank0.bin"
+    torch.testing.assert_close(after.get("a"), entry.half())
+    after.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
