@@ -88,6 +88,9 @@ class CachedTeacherFeatures:
         disk_budget_mb: Disk for the whole cache folder.
         shared: The folder is shared by a group of users or nodes (see :mod:`.cache_folder`).
 
+    The values are checked where users give them (:class:`~.feature_caching.FeatureCacheSettings`) and where
+    the cache uses them (:class:`~.feature_cache.TeacherFeatureCache`), not again here.
+
     Example:
         >>> features = CachedTeacherFeatures("training", enabled=False)
         >>> teacher = lambda images: (images.flatten(2).mT, images.flatten(2).mT)
@@ -109,13 +112,6 @@ class CachedTeacherFeatures:
         if purpose not in PURPOSE_STAGES:
             msg = f"purpose must be one of {list(PURPOSE_STAGES)}, got '{purpose}'."
             raise ValueError(msg)
-        if dtype not in CACHE_DTYPES:
-            msg = f"feature_cache.dtype must be one of {list(CACHE_DTYPES)}, got '{dtype}'."
-            raise ValueError(msg)
-        for name, budget in (("memory_budget_mb", memory_budget_mb), ("disk_budget_mb", disk_budget_mb)):
-            if isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0:
-                msg = f"feature_cache.{name} must be a number >= 0, got {budget!r}."
-                raise ValueError(msg)
         self.purpose = purpose
         self.enabled = enabled
         self.cache_dir = cache_dir
