@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,15 +24,16 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback
 
 from ..deploy.export import TransformerStudentExportMixin
+from ..training.chunked_step import step_in_chunks
 from ..training.data_checks import DataChecks
 from ..training.feature_caching import FeatureCacheSettings, FeatureCaching
 from ..training.finite_features import FiniteFeaturesMixin
 from ..training.rng_state import RandomGeneratorState
 from ..training.schedule import PaperSchedule
-from ..training.settings import option_groups
 from ..training.teacher_checkpointing import TeacherCheckpointMixin
 from ..training.teacher_weights import weights_source
 from .anomaly_map import AnomalyMapSettings
+from .options import DEFAULT_CACHE, NO_TILING, PAPER_MAP, ModelOptions
 from .pre_processing import (
     OriginalSizePreProcessor,
     evaluation_input,
@@ -41,8 +41,8 @@ from .pre_processing import (
     tiles_per_image,
     training_input,
 )
-from .teacher import DEFAULT_TEACHER, TeacherFeatureExtractor, create_backbone
-from .tiling import Tiling, TilingSettings, chunks
+from .teacher import DEFAULT_TEACHER, build_teacher
+from .tiling import Tiling, TilingSettings
 from .torch_model import TransformerStudentModel
 
 if TYPE_CHECKING:
@@ -55,18 +55,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 1036
-PAPER_MAP = AnomalyMapSettings()
-NO_TILING = TilingSettings()
-DEFAULT_CACHE = FeatureCacheSettings()
-# The option groups; their options had flat names (``tile_size``) up to 0.2, as those checkpoints hold them
-# (``feature_cache``'s flat names are mapped by FeatureCacheSettings.from_options).
-GROUPS = {"anomaly_map": AnomalyMapSettings, "tiling": TilingSettings}
-# Options that left the constructor (old checkpoints hold them), and where they went.
-MOVED_OPTIONS = {
-    "skip_corrupt_images": "the DataChecks callback: give the trainer DataChecks(skip_corrupt_images=True) "
-    "(--trainer.callbacks+=anomalib_transformer_student.training.data_checks.DataChecks "
-    "--trainer.callbacks.skip_corrupt_images true)",
-}
 
 __all__ = ["TransformerStudent"]
 
@@ -110,7 +98,7 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
         visualizer: Visualizer, or ``True`` for anomalib's default.
         **legacy: Options of earlier versions under their flat names (``tile_size``, ``topk_ratio``, ...), as
-            checkpoints written by them hold: moved into their groups (see :data:`GROUPS`).
+            checkpoints written by them hold: moved into their groups (see :mod:`.options`).
 
     Corrupt images stop a stage with ``CorruptImageError`` naming them; to skip them instead, give the trainer
     ``DataChecks(skip_corrupt_images=True)`` (``--trainer.callbacks`` on the CLI, ``Engine(callbacks=[...])``).
@@ -142,11 +130,10 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         visualizer: Visualizer | bool = True,
         **legacy: Any,
     ) -> None:
-        # Groups as plain dicts, so that the hyper-parameters AnomalibModule saves load with weights_only=True.
-        cache = FeatureCacheSettings.from_options(feature_cache, legacy)
-        feature_cache = asdict(cache)
-        groups = option_groups({"anomaly_map": anomaly_map, "tiling": tiling, **legacy}, GROUPS, MOVED_OPTIONS)
-        anomaly_map, tiling, legacy = asdict(groups["anomaly_map"]), asdict(groups["tiling"]), {}
+        options = ModelOptions.from_arguments(anomaly_map, tiling, feature_cache, legacy)
+        # Rebound before AnomalibModule saves the constructor's arguments as hyper-parameters: plain data only.
+        anomaly_map, tiling, feature_cache = options.hyperparameters()
+        legacy = {}
         super().__init__(
             pre_processor=False if pre_processor is True else pre_processor,
             post_processor=post_processor,
@@ -157,21 +144,15 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         self.weights_source = weights_source(teacher, pretrained, teacher_weights)
         self.lr = lr
         self.max_epochs = max_epochs
-        feature_extractor = TeacherFeatureExtractor(create_backbone(teacher), layers, image_size)
-        if not pretrained:
-            logger.warning(
-                "Teacher '%s' keeps random weights (pretrained=False): fine for tests, meaningless for inspection.",
-                teacher,
-            )
-            feature_extractor.weights_loaded.fill_(True)
-        geometry = groups["tiling"].geometry(
+        feature_extractor = build_teacher(teacher, layers, image_size, pretrained)
+        geometry = options.tiling.geometry(
             feature_extractor.image_size, feature_extractor.patch_size, pre_processor is True, full_resolution_maps
         )
         self.model = TransformerStudentModel(
             feature_extractor,
             **anomaly_map,
             teacher_precision=teacher_precision,
-            teacher_batch_size=None if geometry is None else groups["tiling"].tile_batch_size,
+            teacher_batch_size=None if geometry is None else options.tiling.tile_batch_size,
         )
         if pre_processor is True:
             self.pre_processor = self.configure_pre_processor((image_size, image_size), full_resolution_maps, geometry)
@@ -182,7 +163,7 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
             )
         if geometry is not None:  # tiles step chunk by chunk (see training_step)
             self.automatic_optimization = False
-        self.feature_caching = FeatureCaching(cache, memo=self.teacher_digest_memo)
+        self.feature_caching = FeatureCaching(options.feature_cache, memo=self.teacher_digest_memo)
 
     @property
     def tiling(self) -> Tiling | None:
@@ -238,26 +219,21 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
         """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on).
 
-        With tiling, the tiles pass through teacher and students ``tile_batch_size`` at a time (manual
-        optimisation): each chunk's loss, weighted by its share of the tiles, is backpropagated, then one
-        optimiser step: the step of one loss over all tiles, with one chunk's tokens alive at a time.
+        With tiling, the tiles pass through teacher and students ``tile_batch_size`` at a time, with one
+        optimiser step per batch (:func:`~..training.chunked_step.step_in_chunks`).
         """
         del args, kwargs
         images, tiles = training_input(self.pre_processor, batch.image)
         if self.automatic_optimization:
             loss = self._student_loss(batch_idx, images, batch.image_path, tiles)
         else:
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            loss = images.new_zeros(())
-            for part in chunks(len(images), self.model.teacher_batch_size):
-                chunk = images[part.start : part.stop]
-                part_loss = (
-                    len(part) / len(images) * self._student_loss(batch_idx, chunk, batch.image_path, tiles, part)
-                )
-                self.manual_backward(part_loss)
-                loss += part_loss.detach()
-            optimizer.step()
+            paths = batch.image_path
+            loss = step_in_chunks(
+                self,
+                len(images),
+                self.model.teacher_batch_size,
+                lambda part: self._student_loss(batch_idx, images[part.start : part.stop], paths, tiles, part),
+            )
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
         return {"loss": loss}
 

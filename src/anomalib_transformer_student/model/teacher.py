@@ -347,3 +347,23 @@ class TeacherFeatureExtractor(nn.Module):
             intermediates_only=True,
         )
         return (first, second) if self.layers[0] < self.layers[1] else (second, first)
+
+
+def build_teacher(
+    name: str, layers: Sequence[int] | None, image_size: int, pretrained: bool
+) -> TeacherFeatureExtractor:
+    """The teacher ``name`` at ``image_size`` with random weights, its pretrained ones loaded when a stage starts.
+
+    With ``pretrained=False`` the random weights count as loaded (nothing is fetched), with one warning.
+
+    Example:
+        >>> build_teacher("vit_small_patch14_dinov2", (7, 11), 56, pretrained=False).grid_size
+        (4, 4)
+    """
+    teacher = TeacherFeatureExtractor(create_backbone(name), layers, image_size)
+    if not pretrained:
+        logger.warning(
+            "Teacher '%s' keeps random weights (pretrained=False): fine for tests, meaningless for inspection.", name
+        )
+        teacher.weights_loaded.fill_(True)
+    return teacher

@@ -335,21 +335,5 @@ def stitch(patch_maps: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     return total / coverage
 
 
-def chunks(count: int, size: int | None) -> list[range]:
-    """Positions ``0 .. count - 1`` in consecutive chunks of at most ``size`` (``None``: one chunk).
-
-    A batch's tiles pass through the teacher and the students chunk by chunk, so that only one
-    chunk's tokens are alive at a time.
-
-    Example:
-        >>> chunks(10, 4)
-        [range(0, 4), range(4, 8), range(8, 10)]
-        >>> chunks(3, None)
-        [range(0, 3)]
-    """
-    size = count if size is None else size
-    return [range(start, min(start + size, count)) for start in range(0, count, max(size, 1))]
-
-
 def _round_up(value: int, multiple: int) -> int:
     return multiple * math.ceil(value / multiple)

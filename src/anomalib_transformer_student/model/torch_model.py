@@ -13,12 +13,13 @@ from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional
 
+from ..training.chunked_step import chunks
 from ..training.dtypes import DTYPES
 from ..training.settings import positive_int
 from .anomaly_map import AnomalyMapGenerator, square_padding
 from .students import StudentMLP
 from .teacher import TeacherFeatureExtractor
-from .tiling import TileLayout, chunks, stitch
+from .tiling import TileLayout, stitch
 
 logger = logging.getLogger(__name__)
 

@@ -5,16 +5,15 @@
 :func:`option_groups` turns what a user, a YAML file or a checkpoint passes for groups of options into
 frozen dataclasses: each group as an instance, a plain dict or ``None``, and its options also under their
 flat names (the fields' names, as checkpoints written before the group hold them). A module adds a group in
-three steps (``TransformerStudent``'s ``anomaly_map`` and ``tiling`` show them):
+three steps (``TransformerStudent``'s ``anomaly_map`` and ``tiling`` show them, in ``model/options.py``):
 
 1. a frozen dataclass whose fields are the options, with defaults (checked in ``__post_init__``);
-2. a constructor argument of that type defaulting to a module-level instance, plus the group in the
-   module's ``GROUPS`` (name -> dataclass);
+2. a constructor argument of that type defaulting to a module-level instance, plus the group in a
+   ``GROUPS`` table (name -> dataclass);
 3. at the start of the constructor, ``option_groups({...the groups..., **legacy}, GROUPS, MOVED_OPTIONS)``
    (``**legacy``: the constructor's var-keyword argument, through which Lightning passes a checkpoint's old
-   flat names),
-   and each group rebound to ``dataclasses.asdict(group)`` before ``AnomalibModule.__init__`` saves the
-   hyper-parameters, so that checkpoints hold plain data (``weights_only=True`` loads them).
+   flat names), and each group rebound to ``dataclasses.asdict(group)`` before ``AnomalibModule.__init__``
+   saves the hyper-parameters, so that checkpoints hold plain data (``weights_only=True`` loads them).
 """
 
 from __future__ import annotations
