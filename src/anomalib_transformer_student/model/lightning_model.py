@@ -166,11 +166,6 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         self.feature_caching = FeatureCaching(options.feature_cache, memo=self.teacher_digest_memo)
 
     @property
-    def tiling(self) -> Tiling | None:
-        """The tiling of large images, or ``None`` when each image is inspected whole."""
-        return getattr(self.pre_processor, "tiling", None)
-
-    @property
     def learning_type(self) -> LearningType:
         """One-class: trained on nominal images only."""
         return LearningType.ONE_CLASS
@@ -215,6 +210,11 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
     def trainer_arguments(self) -> dict[str, Any]:
         """Only ``max_epochs`` when the constructor was given one (without, see :class:`PaperSchedule`)."""
         return {} if self.max_epochs is None else {"max_epochs": self.max_epochs}
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The tiling of large images, or ``None`` when each image is inspected whole."""
+        return getattr(self.pre_processor, "tiling", None)
 
     def training_step(self, batch: Batch, batch_idx: int, *args, **kwargs) -> STEP_OUTPUT:
         """Cosine loss of both students on a batch of nominal images (teacher tokens from the cache if on).
