@@ -41,6 +41,11 @@ def make_engine(root: Path, max_epochs: int = 1, **arguments: Any) -> Engine:
     return Engine(max_epochs=max_epochs, default_root_dir=root, **{**ENGINE_DEFAULTS, **arguments})
 
 
+def make_trainer(**arguments: Any) -> Trainer:
+    """A bare Lightning ``Trainer`` (no anomalib callbacks, no checkpoints): :data:`ENGINE_DEFAULTS`, ``arguments``."""
+    return Trainer(**{**ENGINE_DEFAULTS, "enable_checkpointing": False, **arguments})
+
+
 def make_datamodule(
     root: Path, category: str = "brick", batch_size: int = 4, eval_batch_size: int | None = None, **arguments: Any
 ) -> MVTecAD:

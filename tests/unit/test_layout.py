@@ -124,6 +124,14 @@ def test_console_script_help_loads_no_torch() -> None:
     assert heavy == []
 
 
+def test_listing_the_cache_loads_no_torch(tmp_path: Path) -> None:
+    argv = ["transformer-student", "cache", "list", "--cache-dir", str(tmp_path)]
+    code = f"import sys; sys.argv = {argv!r}; from {PACKAGE}.apps.cli import main; main()"
+    result, heavy = _run_and_list_heavy_imports(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert heavy == []
+
+
 def test_public_names_load_on_first_use() -> None:
     code = f"from {PACKAGE} import TransformerStudent; print(TransformerStudent.__module__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)

@@ -19,8 +19,7 @@ import argparse
 import datetime
 from pathlib import Path
 
-from ..training.cache_folder import CacheRoot, FingerprintUsage
-from ..training.feature_cache import default_cache_dir
+from ..training.cache_folder import CacheRoot, FingerprintUsage, default_cache_dir
 
 ACTIONS = ("list", "clear")
 

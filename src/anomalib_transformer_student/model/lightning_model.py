@@ -38,7 +38,6 @@ from .pre_processing import (
     OriginalSizePreProcessor,
     evaluation_input,
     square_resize_transform,
-    tiles_per_image,
     training_input,
 )
 from .teacher import DEFAULT_TEACHER, build_teacher
@@ -266,7 +265,7 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
             return self.model.predict_in_chunks(
                 model_input, layout, lambda part, chunk: features.tokens(chunk, paths, teacher, layout.count, part)
             )
-        shallow, deep = features.tokens(model_input, paths, teacher, tiles_per_image(placement))
+        shallow, deep = features.tokens(model_input, paths, teacher)
         return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)
 
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:

@@ -183,12 +183,6 @@ class OriginalSizePreProcessor(PreProcessor):
     on_predict_batch_start = on_validation_batch_start
 
 
-def tiles_per_image(placement: dict[str, Any]) -> int:
-    """How many tiles each image makes, from the placement :func:`evaluation_input` returns."""
-    layout = placement.get("layout")
-    return 1 if layout is None else layout.count
-
-
 def _transforms(transform: object) -> Iterator[object]:
     """``transform`` and every transform nested in it."""
     yield transform

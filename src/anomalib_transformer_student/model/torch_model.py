@@ -15,7 +15,7 @@ from torch.nn import functional
 
 from ..training.chunked_step import chunks
 from ..training.dtypes import DTYPES
-from ..training.settings import positive_int
+from ..training.settings import one_of, positive_int
 from .anomaly_map import AnomalyMapGenerator, square_padding
 from .students import StudentMLP
 from .teacher import TeacherFeatureExtractor
@@ -104,10 +104,7 @@ class TransformerStudentModel(nn.Module):
     ) -> None:
         super().__init__()
         self.teacher_batch_size = teacher_batch_size
-        if teacher_precision not in TEACHER_PRECISIONS:
-            msg = f"teacher_precision must be one of {sorted(TEACHER_PRECISIONS)}, got '{teacher_precision}'."
-            raise ValueError(msg)
-        self.teacher_precision = teacher_precision
+        self.teacher_precision = one_of("teacher_precision", teacher_precision, TEACHER_PRECISIONS)
         self._precision_noted = False
         self.teacher = teacher
         self.forward_student = StudentMLP(teacher.embed_dim)

@@ -57,6 +57,31 @@ class CacheFolderError(OSError):
     """The cache folder (or a file in it) is not one to trust or use; the message says why and what to do."""
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/anomalib_transformer_student/teacher_features`` (``~/.cache/...`` by default)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "anomalib_transformer_student" / "teacher_features"
+
+
+def folder_bytes(folder: str | Path | int) -> int:
+    """Bytes of the regular files directly in ``folder`` (a path or a descriptor); files that vanish are skipped.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a").write_bytes(b"123")
+        >>> folder_bytes(folder)
+        3
+    """
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                status = entry.stat(follow_symlinks=False)
+                total += status.st_size if stat.S_ISREG(status.st_mode) else 0
+    return total
+
+
 def _refuse(path: object, problem: str) -> CacheFolderError:
     return CacheFolderError(
         f"Teacher-feature cache folder '{path}' {problem}. Point feature_cache.dir (--model.feature_cache.dir) "
@@ -232,14 +257,11 @@ class CacheRoot:
     def _usage_of(self, name: str, check_in_use: bool) -> FingerprintUsage:
         folder = os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
         try:
-            total, last_used = 0, os.fstat(folder).st_mtime
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    with contextlib.suppress(OSError):
-                        status = entry.stat(follow_symlinks=False)
-                        total += status.st_size if stat.S_ISREG(status.st_mode) else 0
-                        if entry.name == IN_USE:
-                            last_used = status.st_mtime
+            total = folder_bytes(folder)
+            try:
+                last_used = os.stat(IN_USE, dir_fd=folder, follow_symlinks=False).st_mtime
+            except OSError:  # not yet created, or removed meanwhile: the folder's own time
+                last_used = os.fstat(folder).st_mtime
             in_use = None
             if check_in_use:
                 with contextlib.suppress(OSError):

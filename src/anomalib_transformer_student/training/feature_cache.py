@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .cache_folder import CacheRoot
+from .cache_folder import CacheRoot, folder_bytes
 from .dtypes import NUMPY_DTYPES
 from .spill_file import CACHE_FORMAT_VERSION, DISK_FULL, SPILL_NAME, SpillFile, claim_spill_name
 
@@ -38,30 +38,6 @@ logger = logging.getLogger(__name__)
 
 # The teacher as the cache calls it: images -> (shallow, deep) tokens, each (B, N, D).
 Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/anomalib_transformer_student/teacher_features`` (``~/.cache/...`` by default)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "anomalib_transformer_student" / "teacher_features"
-
-
-def folder_bytes(folder: str | Path) -> int:
-    """Bytes of the regular files directly in ``folder`` (files that vanish while it counts are skipped).
-
-    Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> _ = (folder / "a").write_bytes(b"123")
-        >>> folder_bytes(folder)
-        3
-    """
-    total = 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):
-                total += entry.stat(follow_symlinks=False).st_size if entry.is_file(follow_symlinks=False) else 0
-    return total
 
 
 def feature_fingerprint(components: Mapping[str, object]) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from lightning.pytorch import Callback
 
 from .dtypes import CACHE_DTYPES
+from .settings import one_of
 from .teacher_checkpoint import TEACHER_PREFIX
 from .teacher_features import PURPOSE_STAGES, CachedTeacherFeatures, pre_processing_spec
 from .weights_digest import DigestMemo
@@ -75,9 +76,7 @@ disk_budget_mb=20480.0, shared=False)
     shared: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in CACHE_DTYPES:
-            msg = f"feature_cache.dtype must be one of {list(CACHE_DTYPES)}, got '{self.dtype}'."
-            raise ValueError(msg)
+        one_of("feature_cache.dtype", self.dtype, CACHE_DTYPES)
         for name in ("memory_budget_mb", "disk_budget_mb"):
             budget = getattr(self, name)
             if isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0:

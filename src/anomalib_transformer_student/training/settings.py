@@ -1,6 +1,7 @@
 """Checks of user settings that the model and training share, and the groups options come in.
 
-:func:`positive_int` is the one check of a count (a batch size, a number of tiles).
+:func:`positive_int` is the one check of a count (a batch size, a number of tiles), :func:`one_of` of a choice
+among names (a dtype, a purpose).
 
 :func:`option_groups` turns what a user, a YAML file or a checkpoint passes for groups of options into
 frozen dataclasses: each group as an instance, a plain dict or ``None``, and its options also under their
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,23 @@ def positive_int(name: str, value: Any, example: int = 8) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         msg = f"{name} must be a positive integer, got {value!r}; e.g. {name}={example}."
+        raise ValueError(msg)
+    return value
+
+
+def one_of(name: str, value: Any, choices: Iterable[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` naming the setting ``name`` and the choices.
+
+    Example:
+        >>> one_of("dtype", "float32", ("float16", "float32"))
+        'float32'
+        >>> one_of("dtype", "int8", ("float16", "float32"))
+        Traceback (most recent call last):
+        ValueError: dtype must be one of ['float16', 'float32'], got 'int8'.
+    """
+    choices = list(choices)
+    if value not in choices:
+        msg = f"{name} must be one of {choices}, got {value!r}."
         raise ValueError(msg)
     return value
 
@@ -116,4 +134,4 @@ def option_groups(
     return built
 
 
-__all__ = ["option_groups", "positive_int", "settings_group"]
+__all__ = ["one_of", "option_groups", "positive_int", "settings_group"]

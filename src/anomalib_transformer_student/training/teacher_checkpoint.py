@@ -115,12 +115,6 @@ def omit_teacher(
         del state[key]
 
 
-def omits_teacher(checkpoint: Mapping[str, Any]) -> bool:
-    """Whether ``checkpoint`` was written without the teacher's tensors (see :func:`omit_teacher`)."""
-    record = checkpoint.get(TEACHER_KEY)
-    return isinstance(record, Mapping) and bool(record.get("omitted"))
-
-
 def _failure(record: Mapping[str, Any], source: TeacherSource, reason: str) -> TeacherNotInCheckpointError:
     return TeacherNotInCheckpointError(
         f"This checkpoint was written during training without the weights of its frozen teacher "
@@ -253,7 +247,6 @@ __all__ = [
     "TeacherSource",
     "is_final_checkpoint",
     "omit_teacher",
-    "omits_teacher",
     "restore_teacher",
     "same_teacher",
     "state_digest",

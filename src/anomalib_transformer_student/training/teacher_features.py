@@ -24,16 +24,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from anomalib.pre_processing.utils.spec import transform_to_spec
 
+from .cache_folder import default_cache_dir
 from .dtypes import CACHE_DTYPES
 from .feature_cache import (
     ImageKeys,
     Teacher,
     TeacherFeatureCache,
-    default_cache_dir,
     feature_fingerprint,
     process_memory_budget_mb,
     tile_keys,
 )
+from .settings import one_of
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -82,7 +83,7 @@ class CachedTeacherFeatures:
         enabled: ``None`` turns the cache on unless the stage's images are augmented; ``True`` keeps
             it on even then (each image's features come from its first augmented version);
             ``False`` turns it off.
-        cache_dir: Folder of the disk part; default :func:`~.feature_cache.default_cache_dir`.
+        cache_dir: Folder of the disk part; default :func:`~.cache_folder.default_cache_dir`.
         dtype: ``"float16"`` or ``"float32"``: storage of training entries.
         memory_budget_mb: Memory for entries before they spill to disk (per process).
         disk_budget_mb: Disk for the whole cache folder.
@@ -109,10 +110,7 @@ class CachedTeacherFeatures:
         disk_budget_mb: float = 20480.0,
         shared: bool = False,
     ) -> None:
-        if purpose not in PURPOSE_STAGES:
-            msg = f"purpose must be one of {list(PURPOSE_STAGES)}, got '{purpose}'."
-            raise ValueError(msg)
-        self.purpose = purpose
+        self.purpose = one_of("purpose", purpose, PURPOSE_STAGES)
         self.enabled = enabled
         self.cache_dir = cache_dir
         self.dtype = "float32" if purpose == "evaluation" else dtype
@@ -123,6 +121,7 @@ class CachedTeacherFeatures:
         self.fingerprint: str | None = None
         self.active = False  # the current stage reads and fills the cache
         self._unusable: Path | None = None  # a folder that failed this run: not tried again until close
+        self._noted: set[str] = set()  # stages whose augmentation note was logged: once per stage and model
         self._image_keys = ImageKeys()
 
     @property
@@ -149,21 +148,23 @@ class CachedTeacherFeatures:
         augmentations = stage_augmentations(trainer, stage)
         if augmentations is None:
             return True, None
-        if self.enabled is None:
-            logger.info(
-                "Teacher-feature cache off for %s: its images are augmented (%s), so the teacher's features change "
-                "every time. Set feature_cache.enabled=True to cache the first version anyway.",
-                stage,
-                augmentations,
-            )
-            return False, augmentations
-        logger.warning(
-            "feature_cache=True with %s-time augmentation (%s): each image's teacher features are computed once, "
-            "from its first augmented version, and reused later.",
-            stage,
-            augmentations,
-        )
-        return True, augmentations
+        if stage not in self._noted:  # the evaluation cache opens at every validation: one note per stage
+            self._noted.add(stage)
+            if self.enabled is None:
+                logger.info(
+                    "Teacher-feature cache off for %s: its images are augmented (%s), so the teacher's features "
+                    "change every time. Set feature_cache.enabled=True to cache the first version anyway.",
+                    stage,
+                    augmentations,
+                )
+            else:
+                logger.warning(
+                    "feature_cache=True with %s-time augmentation (%s): each image's teacher features are computed "
+                    "once, from its first augmented version, and reused later.",
+                    stage,
+                    augmentations,
+                )
+        return self.enabled is not None, augmentations
 
     def open(
         self,

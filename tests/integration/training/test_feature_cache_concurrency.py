@@ -49,10 +49,12 @@ def fit(root: Path, category: str, workdir: Path, cache_dir: Path | None, barrie
         teacher="vit_small_patch14_dinov2",
         pretrained=False,
         image_size=56,
-        feature_cache=cache_dir is not None,
-        cache_dir=None if cache_dir is None else str(cache_dir),
-        cache_dtype="float32",
-        cache_memory_budget_mb=0,
+        feature_cache={
+            "enabled": cache_dir is not None,
+            "dir": None if cache_dir is None else str(cache_dir),
+            "dtype": "float32",
+            "memory_budget_mb": 0,
+        },
     )
     engine = Engine(
         max_epochs=EPOCHS,

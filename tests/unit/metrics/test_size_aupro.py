@@ -27,6 +27,8 @@ from anomalib_transformer_student.metrics.size_aupro import (
     table_to_dict,
 )
 
+from ...factories import make_trainer
+
 LIMITS = torch.tensor(FPR_LIMITS)
 
 
@@ -399,13 +401,7 @@ class _TinyModule(pl.LightningModule):
 def test_logged_by_evaluator_in_lightning_test_loop() -> None:
     robustness = SizeAUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_")
     q1 = SizeAUPRO(prefix="pixel_q1_", summary="Q1_fpr0.30")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer()
     loader = DataLoader(image_batches(), batch_size=None, collate_fn=lambda batch: batch)
     (results,) = trainer.test(_TinyModule(Evaluator(test_metrics=[robustness, q1])), loader, verbose=False)
     assert results["pixel_SizeAUPRO"] == pytest.approx(0.15 / 0.575, rel=1e-6)

@@ -20,7 +20,7 @@ from anomalib_transformer_student.training.data_checks import DataChecks
 from anomalib_transformer_student.training.feature_cache import TeacherFeatureCache, feature_fingerprint
 from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
 
-from ...factories import TeacherCalls, small_model
+from ...factories import TeacherCalls, make_trainer, small_model
 
 SIZE = 56  # the teacher's input: 4 x 4 patches
 
@@ -177,17 +177,7 @@ def _fit_steps(model: TransformerStudent, batches: list, steps: int) -> list[flo
         def on_train_batch_end(self, trainer: Trainer, *_args: object) -> None:
             losses.append(float(trainer.callback_metrics["train_loss_step"]))
 
-    trainer = Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[Losses()],
-    )
+    trainer = make_trainer(max_steps=steps, callbacks=[Losses()])
     trainer.fit(model.train(), train_dataloaders=DataLoader(batches, batch_size=None))
     return losses
 
@@ -223,7 +213,7 @@ def test_tiled_training_steps_chunk_by_chunk_as_one_step_over_all_tiles() -> Non
 )
 def test_tiled_training_refuses_the_trainers_automatic_clipping_and_accumulation(option: str, named: str) -> None:
     """Tiled training steps by hand (chunk by chunk): Lightning refuses what only its automatic optimisation does."""
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, max_steps=1, **{option: 2})
+    trainer = make_trainer(max_steps=1, **{option: 2})
     batches = [ImageBatch(image=torch.rand(1, 3, 112, 112), image_path=["a"])]
     with pytest.raises(MisconfigurationException, match=f"{named} is not supported for manual optimization"):
         trainer.fit(_model(tile_size=SIZE, feature_cache=False), train_dataloaders=DataLoader(batches, batch_size=None))

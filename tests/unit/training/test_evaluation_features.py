@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.training import teacher_features as features_module
 from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
 
 from ...factories import TeacherCalls, small_model
@@ -135,3 +137,16 @@ def test_a_model_with_an_open_cache_pickles_without_it(model, tmp_path: Path) ->
     assert loaded.feature_caching.evaluation.cache is None
     assert student.feature_caching.evaluation.cache is not None
     assert_same(loaded._predict(image, [str(path)]), student._predict(image))
+
+
+@pytest.mark.parametrize(("enabled", "level"), [(None, logging.INFO), (True, logging.WARNING)])
+def test_the_augmentation_note_comes_once_not_at_every_validation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, enabled, level: int
+) -> None:
+    features = CachedTeacherFeatures("evaluation", enabled, cache_dir=tmp_path)
+    caplog.set_level(logging.INFO, logger=features_module.__name__)
+    for _ in range(3):  # three validations of one fit
+        features.open(trainer(val_augmentations="flip"), "validate", "digest", {})
+    notes = [record.levelno for record in caplog.records if "(flip)" in record.getMessage()]
+    assert notes == [level]
+    features.close()

@@ -17,11 +17,11 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.pre_processing import OriginalSizePreProcessor
 from anomalib_transformer_student.training import feature_cache, spill_file
+from anomalib_transformer_student.training.cache_folder import folder_bytes
 from anomalib_transformer_student.training.feature_cache import (
     ImageKeys,
     TeacherFeatureCache,
     feature_fingerprint,
-    folder_bytes,
     image_key,
 )
 
