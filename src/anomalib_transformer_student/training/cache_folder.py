@@ -90,6 +90,11 @@ def _refuse(path: object, problem: str) -> CacheFolderError:
     )
 
 
+def _owned_by_me(status: os.stat_result) -> bool:
+    """Whether this process's user owns the file (always, where there are no user ids)."""
+    return not hasattr(os, "getuid") or status.st_uid == os.getuid()
+
+
 def check_trusted(status: os.stat_result, path: object, shared: bool) -> None:
     """Refuse a folder that another user owns or that others can write to, unless it is ``shared``.
 
@@ -102,7 +107,7 @@ def check_trusted(status: os.stat_result, path: object, shared: bool) -> None:
         raise _refuse(path, "is not a folder")
     if shared:
         return
-    if hasattr(os, "getuid") and status.st_uid != os.getuid():
+    if not _owned_by_me(status):
         raise _refuse(path, f"belongs to another user (uid {status.st_uid})")
     if status.st_mode & 0o022:
         raise _refuse(path, f"is writable by other users (mode {stat.S_IMODE(status.st_mode):o})")
@@ -123,7 +128,7 @@ def open_regular_file(name: str, dir_fd: int, *, write: bool, create: bool, shar
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
             raise CacheFolderError(f"Teacher-feature cache file '{name}' is not a regular file; it is ignored.")
-        mine = not hasattr(os, "getuid") or status.st_uid == os.getuid()
+        mine = _owned_by_me(status)
         if not mine and not shared:
             raise CacheFolderError(f"Teacher-feature cache file '{name}' belongs to another user; it is ignored.")
         if mine and (write or create) and stat.S_IMODE(status.st_mode) != FILE_MODES[shared]:
@@ -145,7 +150,7 @@ def _open_folder(name: str | Path, shared: bool, dir_fd: int | None = None) -> i
     descriptor = os.open(name, flags, dir_fd=dir_fd)
     try:
         status = os.fstat(descriptor)
-        mine = not hasattr(os, "getuid") or status.st_uid == os.getuid()
+        mine = _owned_by_me(status)
         if created and mine:  # the folder mode, whatever the umask
             os.fchmod(descriptor, FOLDER_MODES[shared])
             status = os.fstat(descriptor)

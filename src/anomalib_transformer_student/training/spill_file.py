@@ -123,7 +123,7 @@ def _has_locks(descriptor: int) -> bool:
 def _reclaim_private(folder: FingerprintFolder, host: str) -> None:
     """Remove private spill files that a killed process of this host left (its process id is gone)."""
     pattern = re.compile(rf"rank\d+-p(\d+)-{re.escape(host)}-[0-9a-f]{{8}}\Z")
-    for name in list(folder.names(".bin")) + list(folder.names(".log")):
+    for name in {*folder.names(".bin"), *folder.names(".log")}:  # a file's two halves, once
         match = pattern.match(name)
         if match is None or int(match.group(1)) == os.getpid():
             continue
@@ -164,6 +164,10 @@ def _write_at(descriptor: int, offset: int, data: memoryview) -> None:
 def _header(fingerprint: str, dtype: torch.dtype, entry_shape: Sequence[int]) -> bytes:
     fields = {"format": CACHE_FORMAT_VERSION, "fingerprint": fingerprint, "dtype": str(dtype)}
     return (json.dumps({**fields, "entry_shape": list(entry_shape)}) + "\n").encode()
+
+
+def _index_line(key: str, slot: int, crc: int) -> bytes:
+    return f"{key} {slot} {crc}\n".encode()
 
 
 class SpillFile:
@@ -265,10 +269,10 @@ class SpillFile:
             if not self._read_header(text[:end]):
                 return False
             start = end + 1
-        data_size = os.fstat(self._data).st_size
+        slots = os.fstat(self._data).st_size // self.entry_bytes  # whole entries the data file holds
         for line in text[start:complete].splitlines():
             self._lines += 1
-            self._take_line(line, data_size)
+            self._take_line(line, slots)
         self._offset += complete
         return True
 
@@ -295,13 +299,13 @@ class SpillFile:
         self.entry_shape = shape
         return True
 
-    def _take_line(self, line: bytes, data_size: int) -> None:
+    def _take_line(self, line: bytes, slots: int) -> None:
         """Take in one ``key slot crc`` line if every field is sound; a later line for a slot wins."""
         parts = line.split(b" ")
         if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
             return
         key, slot, crc = parts[0].decode("ascii", "replace"), int(parts[1]), int(parts[2])
-        if not KEY.match(key) or crc >= 2**32 or (slot + 1) * self.entry_bytes > data_size:
+        if not KEY.match(key) or crc >= 2**32 or slot >= slots:
             return
         previous = self._owners.pop(slot, None)
         if previous is not None:
@@ -339,7 +343,7 @@ class SpillFile:
         partial = f"{self.name}.log.partial"
         self.folder.unlink(partial)  # whatever lies there (even a link) is not followed, only removed
         lines = [_header(self.fingerprint, self.dtype, self.entry_shape)]
-        lines += [f"{key} {slot} {crc}\n".encode() for key, (slot, crc) in self.entries.items()]
+        lines += [_index_line(key, slot, crc) for key, (slot, crc) in self.entries.items()]
         descriptor = self.folder.open_file(partial, write=True, create=True)
         try:
             _write_at(descriptor, 0, memoryview(b"".join(lines)))
@@ -393,7 +397,8 @@ class SpillFile:
         crc = zlib.crc32(data)
         try:
             _write_at(self._data, slot * self.entry_bytes, data)
-            _write_at(self._log, self._offset, memoryview(header + f"{key} {slot} {crc}\n".encode()))
+            record = header + _index_line(key, slot, crc)
+            _write_at(self._log, self._offset, memoryview(record))
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._data, self.data_bytes)
@@ -401,7 +406,7 @@ class SpillFile:
             if header:
                 self.entry_shape = None
             raise
-        self._offset += len(header) + len(f"{key} {slot} {crc}\n")
+        self._offset += len(record)
         self._lines += 1
         if slot == self._next_slot:
             self._next_slot += 1
