@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -58,6 +59,30 @@ def run_cli(
     else:
         command = [str(python), str(ANOMALIB), *args] if python else [str(ANOMALIB), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "500", **(env or {})}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+# Several runs of the console script in one interpreter, for jobs that would each pay seconds of imports.
+IN_SEQUENCE = (
+    "import json, runpy, sys\n"
+    "script, runs = sys.argv[1], json.loads(sys.argv[2])\n"
+    "for arguments in runs:\n"
+    "    sys.argv = [script, *arguments]\n"
+    "    try:\n"
+    "        runpy.run_path(script, run_name='__main__')\n"
+    "    except SystemExit as ended:\n"
+    "        if ended.code not in (None, 0):\n"
+    "            raise\n"
+)
+
+
+def run_cli_in_sequence(runs: list[list[str]], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the anomalib console script once per argument list, one after another in one new interpreter.
+
+    The process fails (non-zero status, the traceback on stderr) at the first run that fails.
+    """
+    command = [sys.executable, "-c", IN_SEQUENCE, str(ANOMALIB), json.dumps(runs)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "500"}
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
