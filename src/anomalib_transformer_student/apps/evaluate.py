@@ -33,7 +33,7 @@ from anomalib.engine import Engine
 
 from ..metrics import CURVES, Curve, SizeEvaluator
 from ..metrics.binned_aupro import BinnedAUPRO
-from ..model import TransformerStudent
+from .checkpoints import load_model
 from .size_report import CategoryResult, markdown_report, write_report
 
 SCALAR_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
@@ -138,6 +138,7 @@ def evaluate_checkpoint(
 
     Raises:
         FileNotFoundError: If ``data_root`` has no folder for ``category`` (checked first: nothing is downloaded).
+        CheckpointLoadError: If ``checkpoint`` cannot be loaded (not a checkpoint, truncated, refused by torch).
     """
     check_folders(data_root, [category], dataset)
     if output is None:
@@ -153,7 +154,7 @@ def evaluate_checkpoint(
     else:
         evaluator = SizeEvaluator(curve=curve)
         datamodule = MVTecAD(**loaders)
-    model = TransformerStudent.load_from_checkpoint(checkpoint, evaluator=evaluator)
+    model = load_model(checkpoint, evaluator=evaluator)
     engine = Engine(logger=False, default_root_dir=output)
     (results,) = engine.test(model, datamodule=datamodule)
     names = SCALAR_METRICS + (MVTECAD2_METRICS if dataset == "mvtecad2" else ())

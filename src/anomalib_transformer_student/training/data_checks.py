@@ -15,8 +15,10 @@ What it checks, and what it does:
   anomalib's reader refuses though they are not corrupt: :class:`ImageTooLargeError`, never skipped;
 - an empty training set: :class:`EmptyTrainingSetError`;
 - masks whose size differs from their image's: :class:`MaskSizeError`, naming both files;
-- single-channel images with more than 8 bits per pixel (16-bit grayscale) whose values
-  exceed 255, which anomalib's reader clips to white: :class:`ClippedImageError`;
+- single-channel images of more than 8 bits (modes ``I;16``, ``I``, ``F``: 16-bit, 32-bit integer and float
+  grayscale) whose values do not survive anomalib's 8-bit conversion (``convert("RGB")`` clips to 0..255 and
+  truncates fractions, so a 12-bit PNG turns white and a float image in [0, 1] black):
+  :class:`ClippedImageError`, naming each file, its mode and its value range;
 - with tiling, images that would be cut into more tiles than the tiling allows: the tiling's
   ``ValueError``, naming a ``tile_size`` that works;
 - images so elongated or small that their content is thinner than one patch after square
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 from anomalib.data import AnomalibDataset, PredictDataset
 from anomalib.data.utils import LabelName
 from lightning.pytorch import Callback
@@ -49,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Single-channel modes of more than 8 bits, which ``Image.convert("RGB")`` clips at 255.
+# Single-channel modes of more than 8 bits, which ``Image.convert("RGB")`` clips to 0..255 (``F`` also truncated).
 WIDE_GRAYSCALE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # Above this many files the checks show a progress bar.
 PROGRESS_THRESHOLD = 500
@@ -90,7 +93,7 @@ class MaskSizeError(DataCheckError):
 
 
 class ClippedImageError(DataCheckError):
-    """16-bit grayscale images whose values anomalib's reader would clip to 255."""
+    """Wide grayscale images (``I;16``, ``I``, ``F``) whose values anomalib's 8-bit reader would clip or truncate."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,11 @@ class ImageCheck:
         path: The file.
         size: ``(width, height)``, or ``None`` if the file could not be decoded.
         error: Why the file could not be decoded (``"OSError: image file is truncated"``), else ``None``.
-        clipped: A wide grayscale image with values above 255, which an 8-bit conversion clips.
+        clipped: A wide grayscale image whose values an 8-bit conversion changes (outside 0..255, fractional
+            or not finite).
         too_large: Over PIL's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``): not corrupt, but PIL refuses it.
+        mode: PIL's mode of the file (``"RGB"``, ``"I;16"``, ``"F"``, ...), ``None`` if it could not be decoded.
+        value_range: ``(min, max)`` of a wide grayscale image, else ``None``.
     """
 
     path: str
@@ -110,6 +116,20 @@ class ImageCheck:
     error: str | None = None
     clipped: bool = False
     too_large: bool = False
+    mode: str | None = None
+    value_range: tuple[float, float] | None = None
+
+
+def _changed_by_8_bits(image: Image.Image) -> tuple[bool, tuple[float, float]]:
+    """Whether anomalib's 8-bit conversion changes a wide grayscale image's values, and their range."""
+    values = np.asarray(image)
+    finite = np.isfinite(values)
+    shown = values[finite] if finite.any() else np.zeros(1)
+    value_range = (float(shown.min()), float(shown.max()))
+    changed = not finite.all() or value_range[0] < 0 or value_range[1] > 255
+    if not changed and values.dtype.kind == "f":
+        changed = bool((values != np.floor(values)).any())
+    return changed, value_range
 
 
 def check_image(path: str | os.PathLike[str]) -> ImageCheck:
@@ -122,8 +142,10 @@ def check_image(path: str | os.PathLike[str]) -> ImageCheck:
     try:
         with Image.open(path) as image:
             image.load()
-            clipped = image.mode in WIDE_GRAYSCALE_MODES and (image.getextrema()[1] or 0) > 255
-            return ImageCheck(str(path), image.size, clipped=clipped)
+            if image.mode not in WIDE_GRAYSCALE_MODES:
+                return ImageCheck(str(path), image.size, mode=image.mode)
+            clipped, value_range = _changed_by_8_bits(image)
+            return ImageCheck(str(path), image.size, clipped=clipped, mode=image.mode, value_range=value_range)
     except Image.DecompressionBombError as error:
         return ImageCheck(str(path), None, error=f"{type(error).__name__}: {error}", too_large=True)
     except Exception as error:  # every reason a file cannot be read is reported, not raised
@@ -241,7 +263,7 @@ class DataChecks(Callback):
             CorruptImageError: Files that cannot be decoded, unless ``skip_corrupt_images``.
             ImageTooLargeError: Images or masks over PIL's pixel limit, whatever ``skip_corrupt_images`` says.
             MaskSizeError: Masks whose size differs from their image's.
-            ClippedImageError: 16-bit grayscale images with values above 255.
+            ClippedImageError: Wide grayscale images (``I;16``, ``I``, ``F``) that an 8-bit conversion changes.
         """
         if id(dataset) in self._checked:
             return
@@ -286,14 +308,9 @@ class DataChecks(Callback):
             )
             image_paths = [path for path in image_paths if path not in dropped]
 
-        clipped = [images[path].path for path in image_paths if images[path].clipped]
+        clipped = [images[path] for path in image_paths if images[path].clipped]
         if clipped:
-            msg = (
-                f"{len(clipped)} image(s) of the {split} set are 16-bit grayscale with values above 255, which "
-                f"anomalib's reader clips to 255 (everything brighter turns white):\n{_listing(clipped)}\n"
-                "Rescale them to 8 bits first, e.g. divide by 257 for full-range 16-bit data or by 16 for 12-bit data."
-            )
-            raise ClippedImageError(msg)
+            raise ClippedImageError(clipped_message(clipped, f"of the {split} set"))
 
         mismatched = [
             f"image {path} is {_size(images[path].size)}, mask {mask} is {_size(masks[mask].size)}"
@@ -347,6 +364,22 @@ class DataChecks(Callback):
                 self.input_size,
                 _listing(thin),
             )
+
+
+def clipped_message(checks: Sequence[ImageCheck], where: str) -> str:
+    """The :class:`ClippedImageError` message for ``checks``: each file with its mode and value range."""
+    lines = [
+        f"{check.path} (mode {check.mode}, values {check.value_range[0]:g}..{check.value_range[1]:g})"
+        for check in checks
+        if check.value_range is not None
+    ]
+    return (
+        f"{len(checks)} image(s) {where} are single-channel images of more than 8 bits whose values anomalib's "
+        "reader changes: it converts them to 8-bit RGB, clipping to 0..255 and truncating fractions (a 12-bit "
+        f"image turns white, a float image in [0, 1] black, NaN 0):\n{_listing(lines)}\n"
+        "Rescale them to 8-bit integers first, e.g. divide by 257 for full-range 16-bit data or by 16 for 12-bit "
+        "data, multiply float data in [0, 1] by 255, and save as 8-bit PNG."
+    )
 
 
 def _too_large_message(paths: Sequence[str], split: str) -> str:
@@ -430,4 +463,5 @@ __all__ = [
     "MaskSizeError",
     "check_image",
     "check_images",
+    "clipped_message",
 ]
