@@ -251,4 +251,3 @@ def test_a_folder_swapped_for_a_link_after_the_check_is_not_followed(tmp_path: P
         writer.write_mask("can", "test_private", "001_regular", np.zeros((2, 2), bool))
     assert list(victim.iterdir()) == []
     assert sorted(path.name for path in (tmp_path / "moved").iterdir()) == ["000_regular.png", "001_regular.png"]
-
