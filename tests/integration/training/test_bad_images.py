@@ -327,3 +327,36 @@ def test_predict_on_a_folder_names_or_skips_corrupt_images(root: Path, tmp_path:
     )
     names = sorted(Path(item.image_path).name for batch in predictions for item in batch)
     assert names == ["000.png", "002.png"]
+
+
+@pytest.mark.parametrize(
+    ("pixels", "suffix", "shown"),
+    [
+        (np.full((16, 16), 0.5, np.float32), ".tiff", "mode F, values 0.5..0.5"),  # float in [0, 1]: reads black
+        (np.full((16, 16), np.nan, np.float32), ".tiff", "mode F, values 0..0"),  # NaN: reads 0
+        (np.arange(-128, 128, dtype=np.int32).reshape(16, 16), ".tiff", "mode I, values -128..127"),  # clipped
+        (np.full((16, 16), 4095, np.uint16), ".png", "mode I;16, values 4095..4095"),  # 12-bit: reads white
+    ],
+    ids=["float", "nan", "int32", "12-bit"],
+)
+def test_float_and_wide_integer_images_anomalib_would_misread_are_refused(
+    pixels: np.ndarray, suffix: str, shown: str, tmp_path: Path
+) -> None:
+    """anomalib's reader converts F, I and I;16 images to 8 bits: values it would change are refused by name."""
+    from anomalib.data import PredictDataset
+
+    Image.new("RGB", (16, 16), (120, 80, 40)).save(tmp_path / "000.png")
+    path = tmp_path / f"001{suffix}"
+    Image.fromarray(pixels).save(path)
+    with pytest.raises(ClippedImageError) as error:
+        DataChecks().check_dataset(PredictDataset(tmp_path), "predict")
+    assert f"{path} ({shown})" in str(error.value) and "000.png" not in str(error.value)
+
+
+def test_wide_grayscale_images_that_read_unchanged_pass(tmp_path: Path) -> None:
+    """An F or I image of whole numbers in 0..255 reads the same through anomalib's 8-bit conversion."""
+    from anomalib.data import PredictDataset
+
+    Image.fromarray(np.arange(256, dtype=np.float32).reshape(16, 16)).save(tmp_path / "000.tiff")
+    Image.fromarray(np.arange(256, dtype=np.int32).reshape(16, 16)).save(tmp_path / "001.tiff")
+    DataChecks().check_dataset(PredictDataset(tmp_path), "predict")
