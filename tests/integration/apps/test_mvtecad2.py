@@ -25,7 +25,7 @@ from lightning.pytorch import seed_everything
 from PIL import Image
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.apps import cli
+from anomalib_transformer_student.apps import cli, mvtecad2_submission
 from anomalib_transformer_student.apps.evaluate import evaluate_checkpoint
 from anomalib_transformer_student.model.post_processing import QuantilePostProcessor
 
@@ -36,7 +36,7 @@ CONFIG = Path(__file__).parents[3] / "configs" / "mvtecad2.yaml"
 CATEGORY = "sheet_metal"
 HEIGHT, WIDTH, SIZE = 56, 112, 56
 COUNTS = {"train/good": 4, "validation/good": 6, "test_public/good": 2, "test_public/bad": 2,
-          "test_private": 3, "test_private_mixed": 2}  # fmt: skip
+          "test_private": 3, "test_private_mixed": 3}  # fmt: skip
 IMAGE_QUANTILE, PIXEL_QUANTILE = 0.5, 0.99
 POST_PROCESSOR = "anomalib_transformer_student.model.post_processing.QuantilePostProcessor"
 SMALL = ["--model.pretrained", "false", "--model.teacher", SMALL_TEACHER, "--model.image_size", str(SIZE),
@@ -56,7 +56,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / CATEGORY / folder).mkdir(parents=True)
         for index in range(count):
             image = _image(rng)
-            name = f"{index:03d}_regular.png"
+            name = f"{index:03d}_{'mixed' if folder == 'test_private_mixed' else 'regular'}.png"  # MVTec's names
             if folder == "test_public/bad":
                 mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
                 mask[20:24, 70:74] = 255
@@ -80,7 +80,7 @@ def test_every_split_and_test_set_loads(tree: Path) -> None:
         "private_mixed": datamodule.test_private_mixed_data,
     }
     sizes = {name: len(dataset) for name, dataset in datasets.items()}
-    assert sizes == {"train": 4, "val": 6, "public": 4, "private": 3, "private_mixed": 2}
+    assert sizes == {"train": 4, "val": 6, "public": 4, "private": 3, "private_mixed": 3}
     for name, dataset in datasets.items():
         items = [dataset[index] for index in range(len(dataset))]
         for item in items:
@@ -216,18 +216,22 @@ def test_config_and_evaluate_report_aupro_at_fpr_005_and_segf1(cli_run: Path, tr
 
 
 @pytest.mark.slow
-def test_predict_private_test_sets_full_size_with_two_image_sizes(cli_run: Path, tree: Path, tmp_path: Path) -> None:
+def test_predict_private_test_sets_full_size_with_two_image_sizes(
+    cli_run: Path, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Maps (float16 TIFF) are the raw maps at each image's own size; masks (PNG 0/255) the raw map > threshold."""
+    monkeypatch.setattr(mvtecad2_submission, "IMAGE_COUNTS", {**mvtecad2_submission.IMAGE_COUNTS, CATEGORY: 3})
     root = tmp_path / "data"
     for split in ("test_private", "test_private_mixed"):
         shutil.copytree(tree / CATEGORY / split, root / CATEGORY / split)
     other = (HEIGHT + 28, WIDTH - 14)  # a second size in the category, not a multiple of the tile
     pixels = np.random.default_rng(1).integers(100, 160, (*other, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(root / CATEGORY / "test_private" / "100_overexposed.png")
+    Image.fromarray(pixels).save(root / CATEGORY / "test_private" / "002_regular.png")
     output = tmp_path / "submission"
     status = cli.main(["predict-mvtecad2", "--ckpt", str(cli_run), "--data-root", str(root), "--category", CATEGORY,
                        "--output", str(output)])  # fmt: skip
     assert status == 0
+    assert not (tmp_path / "submission.tar.gz").exists()  # one category of 8: not packed yet
 
     model = TransformerStudent.load_from_checkpoint(cli_run)
     threshold = float(model.post_processor.pixel_threshold)
