@@ -18,7 +18,7 @@ from anomalib.data import MVTecAD2
 from anomalib.data.utils import read_image
 from PIL import Image
 
-from anomalib_transformer_student.apps import cli, mvtecad2_predictions, mvtecad2_submission
+from anomalib_transformer_student.apps import cli, mvtecad2_submission, mvtecad2_writer
 from anomalib_transformer_student.apps.mvtecad2_predictions import load_for_masks
 from anomalib_transformer_student.apps.mvtecad2_submission import CATEGORIES, check_submission
 from anomalib_transformer_student.model.post_processing import QuantilePostProcessor
@@ -126,7 +126,7 @@ def test_category_after_category_resumes_after_a_kill(
     first = ["--ckpt", f"can={checkpoint}", "--ckpt", f"fabric={checkpoint}"]
     base = ["predict-mvtecad2", "--data-root", str(data_root), "--output", str(output)]
     writes = 0
-    write_mask = mvtecad2_predictions.SubmissionWriter.write_mask
+    write_mask = mvtecad2_writer.SubmissionWriter.write_mask
 
     def killed_on_the_sixth_mask(self, *args, **kwargs) -> Path:  # can's 4 images, then fabric's second
         nonlocal writes
@@ -136,10 +136,10 @@ def test_category_after_category_resumes_after_a_kill(
             raise Killed
         return write_mask(self, *args, **kwargs)
 
-    monkeypatch.setattr(mvtecad2_predictions.SubmissionWriter, "write_mask", killed_on_the_sixth_mask)
+    monkeypatch.setattr(mvtecad2_writer.SubmissionWriter, "write_mask", killed_on_the_sixth_mask)
     with pytest.raises(Killed):
         cli.main([*base, *first])
-    monkeypatch.setattr(mvtecad2_predictions.SubmissionWriter, "write_mask", write_mask)
+    monkeypatch.setattr(mvtecad2_writer.SubmissionWriter, "write_mask", write_mask)
     can = output / "anomaly_images" / "can" / "test_private" / "000_regular.tiff"
     written = can.stat().st_mtime_ns
 

@@ -19,10 +19,8 @@ import torch
 from PIL import Image
 
 from anomalib_transformer_student.apps import cli
-from anomalib_transformer_student.apps.mvtecad2_predictions import (
-    SubmissionWriter,
-    check_mvtecad2_folders,
-)
+from anomalib_transformer_student.apps.mvtecad2_predictions import check_mvtecad2_folders
+from anomalib_transformer_student.apps.mvtecad2_writer import SubmissionWriter
 
 from ...mvtecad2_trees import write_private_test_sets
 
