@@ -365,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
     if result.kept:
         print(f"Kept (complete from an earlier run; --overwrite writes them again): {', '.join(result.kept)}")
     print(f"Written: {len(result.written) // 2} anomaly maps and masks under {args.output}")
-    missing = [category for category in submission.CATEGORIES if not _complete(args.output, category)]
+    missing = [part for category in submission.CATEGORIES for part in _incomplete(args.output, category)]
     if missing:
         print(
             "Not packed yet: a submission needs all 8 categories with both test sets; still to do: "
@@ -379,13 +379,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _complete(output: Path, category: str) -> bool:
-    """Whether ``output`` holds every map and mask of both test sets of ``category`` (by name)."""
+def _incomplete(output: Path, category: str) -> list[str]:
+    """The test sets of ``category`` (``"can/test_private"``) whose maps or masks ``output`` does not all hold."""
     count = submission.IMAGE_COUNTS[category]
-    for top, extension in submission.EXTENSIONS.items():
-        for split in TEST_SETS:
+    incomplete = []
+    for split in TEST_SETS:
+        for top, extension in submission.EXTENSIONS.items():
             folder = Path(output) / top / category / split
             names = set(submission.image_names(split, count, extension))
             if not folder.is_dir() or len(names & {path.name for path in folder.iterdir()}) != count:
-                return False
-    return True
+                incomplete.append(f"{category}/{split}")
+                break
+    return incomplete
