@@ -105,15 +105,22 @@ class SubmissionWriter:
             os.unlink(name, dir_fd=descriptor)
         return [path for _, _, path in leftovers]
 
-    def _folder(self, parts: tuple[str, ...]) -> int:
-        """The descriptor of ``output/<parts>``, each component created if missing and opened without following."""
+    def _folder(self, parts: tuple[str, ...], create: bool = True) -> int:
+        """The descriptor of ``output/<parts>``, opened without following links; missing components are created.
+
+        Raises:
+            FileNotFoundError: A component is missing and ``create`` is false.
+        """
         if parts in self._folders:
             return self._folders[parts]
-        parent = self._folder(parts[:-1]) if len(parts) > 1 else self._root
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(parts[-1], mode=0o755, dir_fd=parent)
+        parent = self._folder(parts[:-1], create) if len(parts) > 1 else self._root
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parts[-1], mode=0o755, dir_fd=parent)
         try:
             descriptor = os.open(parts[-1], _DIRECTORY_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            raise
         except OSError as error:
             path = self.output.joinpath(*parts)
             msg = f"'{path}' is not a folder (or is a symbolic link); remove it or choose another --output."
@@ -134,9 +141,12 @@ class SubmissionWriter:
         self.close()
 
     def finished(self, category: str, split: str, stems: Sequence[str]) -> bool:
-        """Whether both the maps and the masks of ``stems`` are all written in ``category/split``."""
+        """Whether both the maps and the masks of ``stems`` are all written in ``category/split`` (creates nothing)."""
         for top, extension in submission.EXTENSIONS.items():
-            descriptor = self._folder((top, category, split))
+            try:
+                descriptor = self._folder((top, category, split), create=False)
+            except FileNotFoundError:
+                return False
             for stem in stems:
                 try:
                     if not stat.S_ISREG(os.stat(stem + extension, dir_fd=descriptor, follow_symlinks=False).st_mode):

@@ -87,6 +87,7 @@ def test_a_checkpoint_without_a_good_image_threshold_is_refused(
                        "--data-root", str(data_root), "--output", str(tmp_path / "out")])  # fmt: skip
     assert status == 2
     assert "no pixel threshold from good validation images" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []  # nothing written
 
 
 def test_all_eight_categories_make_one_submission_that_passes_mvtecs_rules_and_is_packed(

@@ -155,6 +155,8 @@ def test_an_unloadable_checkpoint_is_one_line_and_exit_2(
     assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
     assert "weights_only" not in error
     assert not (tmp_path / "payload_ran").exists()
+    if command == "predict-mvtecad2":
+        assert list((tmp_path / "out").iterdir()) == []  # nothing written
 
 
 def test_writes_float16_tiff_and_binary_png_in_the_layout(tmp_path: Path) -> None:
