@@ -60,7 +60,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "predict-mvtecad2",
-        "Write full-size anomaly maps (TIFF) and masks (PNG) for MVTec AD 2's private test sets.",
+        "Build MVTec AD 2's submission (float16 TIFF maps, PNG masks), check it against MVTec's rules, pack it.",
         "anomalib_transformer_student.apps.mvtecad2_predictions",
     ),
 )

@@ -236,7 +236,7 @@ def _check_contents(paths: list[tuple[str, Path]], progress: bool) -> list[Submi
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = tqdm(pool.map(check, paths), total=len(paths), desc="Checking maps and masks", unit="file",
-                       disable=not progress)  # fmt: skip
+                       disable=not progress or not paths)  # fmt: skip
         return [problem for problem in results if problem is not None]
 
 
@@ -246,7 +246,7 @@ def describe(problems: list[SubmissionProblem], folder: Path) -> str:
     shown = "\n".join(f"  {problem}" for problem in problems[:MAX_LISTED])
     more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
     return (
-        f"'{folder}' breaks {len(problems)} rule(s) of MVTec's submission checker ({', '.join(rules)}); MVTec's "
+        f"'{folder}' has {len(problems)} problem(s) with MVTec's submission rules ({', '.join(rules)}); MVTec's "
         f"server would refuse it:\n{shown}{more}"
     )
 
