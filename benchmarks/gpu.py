@@ -2,7 +2,7 @@ r"""The measurements of ``benchmarks/gpu.sh`` on one CUDA GPU, printed as one Ma
 
 1. The CUDA tests: the tests whose names contain ``cuda`` (they skip without a GPU), run by pytest.
 2. Inference latency at ``--size`` (1036 px by default), batch 1, of ours and of anomalib's L2BT in FP32, fp16 and
-   bf16 (ours: ``teacher_precision``; L2BT: autocast around its forward), each in a fresh process
+   bf16 (autocast around the whole forward, as the trainer's precision runs it), each in a fresh process
    (``measure_torch`` of ``inference_speed.py``: median of ``--runs`` after ``--warmup``; peak allocated memory).
 3. Fit + test as users run them: anomalib's ``Engine(max_epochs=--epochs)`` with its default callbacks (validation
    and checkpoint after every epoch, Lightning's sanity check), ``fit`` then ``test``, on the package's generated
@@ -139,8 +139,8 @@ def tiled_inference(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     results = {"tiles": {"count": float(tiled.tiling.count(*args.image))}}
     for precision in ("float32", "bfloat16"):
         for name, model in (("whole", whole), ("tiled", tiled)):
-            model.model.teacher_precision = precision
-            seconds, teacher_seconds = fastest_seconds(model, images, options)
+            with torch.autocast(images.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
+                seconds, teacher_seconds = fastest_seconds(model, images, options)
             results[f"{name} {precision}"] = {"seconds": seconds, "teacher": teacher_seconds}
     return results
 

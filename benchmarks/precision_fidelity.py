@@ -7,7 +7,8 @@ time, through each variant:
 
 - ``torch``: PyTorch FP32 (``TransformerStudent.forward``: pre-processing, model, post-processing), the
   reference;
-- ``torch-bf16``: the same model with ``teacher_precision="bfloat16"`` (the teacher under bf16 autocast);
+- ``torch-bf16``: the same model under bf16 autocast, as ``precision="bf16-mixed"`` runs validation, test and
+  predict;
 - OpenVINO exports made by ``to_openvino`` with a fixed ``input_size`` (``OPENVINO_VARIANTS`` in ``common.py``),
   each compiled with an explicit ``INFERENCE_PRECISION_HINT``: ``ov-fp32`` (f32), ``ov-bf16`` (FP32 IR in
   bf16, what OpenVINO chooses by itself on CPUs with bf16 units), ``ov-fp16`` (FP16 weights, f32), ``ov-int8`` and
@@ -56,7 +57,7 @@ from common import (
 
 VARIANTS = ("torch-bf16", *(name for name in OPENVINO_VARIANTS if name != "ov-int8-ptq-attention"))
 BF16_VARIANTS = tuple(name for name in VARIANTS if name.endswith("bf16"))
-LABELS = {"torch": "PyTorch FP32 (reference)", "torch-bf16": "PyTorch, teacher bf16"} | {
+LABELS = {"torch": "PyTorch FP32 (reference)", "torch-bf16": "PyTorch, bf16 autocast"} | {
     name: variant.label for name, variant in OPENVINO_VARIANTS.items()
 }
 # The demo's training settings (``apps/demo.py``).
@@ -151,16 +152,10 @@ def load_test_images(datamodule: Any) -> tuple[list[np.ndarray], np.ndarray]:
     return images, np.array([int(item.gt_label) for item in items])
 
 
-def torch_predictions(model: Any, images: list[np.ndarray], teacher_precision: str = "float32") -> list[Prediction]:
-    """Predictions of the PyTorch model, its teacher run at ``teacher_precision``."""
-    saved = model.model.teacher_precision
-    model.model.teacher_precision = teacher_precision
-    model.model._precision_noted = False
-    try:
-        with torch.inference_mode():
-            outputs = [model(torch.from_numpy(image)) for image in images]
-    finally:
-        model.model.teacher_precision = saved
+def torch_predictions(model: Any, images: list[np.ndarray], bf16: bool = False) -> list[Prediction]:
+    """Predictions of the PyTorch model, under bf16 autocast with ``bf16``."""
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        outputs = [model(torch.from_numpy(image)) for image in images]
     return [
         {
             "anomaly_map": output.anomaly_map.squeeze().numpy(),
@@ -284,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         reference, seconds = timed(torch_predictions, model, images)
         rows = {"torch": (compare(reference, reference, labels), seconds)}
         if "torch-bf16" in variants:
-            predictions, seconds = timed(torch_predictions, model, images, "bfloat16")
+            predictions, seconds = timed(torch_predictions, model, images, True)
             rows["torch-bf16"] = (compare(predictions, reference, labels), seconds)
         paths = export_variants(model, datamodule, variants, args.image_size, workdir / "exports")
         for name in variants:
