@@ -72,20 +72,15 @@ def cpu_name() -> str:
 
 
 def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from Linux's ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``); ``None`` elsewhere."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return None
-    flags: set[str] = set()
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith(("flags", "Features")):
-            flags |= set(line.split(":", 1)[1].split())
-    return flags
+    """The CPU's feature flags, as the package reads them; ``None`` where none can be read."""
+    from anomalib_transformer_student.model.precision import cpu_features
+
+    return set(cpu_features()) or None
 
 
 def cpu_has_bf16_units() -> bool:
-    """Whether the CPU computes bfloat16 natively: the package's own check, which ``teacher_precision`` uses."""
-    from anomalib_transformer_student.model.torch_model import cpu_has_bf16_units as package_check
+    """Whether the CPU computes bfloat16 natively, as the package decides it."""
+    from anomalib_transformer_student.model.precision import cpu_has_bf16_units as package_check
 
     return package_check()
 

@@ -2,9 +2,10 @@ r"""The measurements of ``benchmarks/gpu.sh`` on one CUDA GPU, printed as one Ma
 
 1. The CUDA tests: the tests whose names contain ``cuda`` (they skip without a GPU), run by pytest.
 2. Inference latency at ``--size`` (1036 px by default), batch 1, of ours and of anomalib's L2BT in FP32, fp16 and
-   bf16 (ours: ``teacher_precision``; L2BT: autocast around its forward), each in a fresh process
+   bf16 (autocast around the whole forward, as the trainer's precision runs it), each in a fresh process
    (``measure_torch`` of ``inference_speed.py``: median of ``--runs`` after ``--warmup``; peak allocated memory).
-3. Fit + test as users run them: anomalib's ``Engine(max_epochs=--epochs)`` with its default callbacks (validation
+3. Fit + test as users run them, in ``32-true`` and in ``bf16-mixed`` (the trainer's ``precision``): anomalib's
+   ``Engine(max_epochs=--epochs)`` with its default callbacks (validation
    and checkpoint after every epoch, Lightning's sanity check), ``fit`` then ``test``, on the package's generated
    demo data (one texture, images of ``--data-size`` px), ours and L2BT, each in a fresh process: wall times,
    image AUROC, peak GPU memory.
@@ -88,8 +89,8 @@ def latency(variant: str, args: argparse.Namespace) -> dict[str, float]:
     return {"seconds": statistics.median(result["times"]), "memory": result["memory"]}
 
 
-def fit_and_test(name: str, root: Path, workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """``Engine(max_epochs).fit`` then ``.test`` of ours or L2BT, anomalib's default callbacks; times and memory."""
+def fit_and_test(name: str, root: Path, workdir: Path, args: argparse.Namespace, precision: str) -> dict[str, Any]:
+    """``Engine(max_epochs, precision).fit`` then ``.test`` of ours or L2BT, anomalib's defaults; times and memory."""
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
@@ -99,7 +100,7 @@ def fit_and_test(name: str, root: Path, workdir: Path, args: argparse.Namespace)
     seed_everything(0, verbose=False)
     if name == "ours":
         model = TransformerStudent(
-            teacher=args.teacher, pretrained=False, image_size=args.size, cache_dir=str(workdir / "cache")
+            teacher=args.teacher, pretrained=False, image_size=args.size, feature_cache={"dir": str(workdir / "cache")}
         )
     else:  # L2BT's own teacher, or the same architecture as ours where another is asked for
         model = build_l2bt(args.size, backbone=None if args.teacher == DEFAULT_TEACHER else args.teacher)
@@ -109,6 +110,7 @@ def fit_and_test(name: str, root: Path, workdir: Path, args: argparse.Namespace)
         default_root_dir=workdir / name,
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
+        precision=precision,
         enable_progress_bar=False,
     )
     start = time.perf_counter()
@@ -139,8 +141,8 @@ def tiled_inference(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     results = {"tiles": {"count": float(tiled.tiling.count(*args.image))}}
     for precision in ("float32", "bfloat16"):
         for name, model in (("whole", whole), ("tiled", tiled)):
-            model.model.teacher_precision = precision
-            seconds, teacher_seconds = fastest_seconds(model, images, options)
+            with torch.autocast(images.device.type, torch.bfloat16, enabled=precision == "bfloat16"):
+                seconds, teacher_seconds = fastest_seconds(model, images, options)
             results[f"{name} {precision}"] = {"seconds": seconds, "teacher": teacher_seconds}
     return results
 
@@ -188,18 +190,19 @@ def main(argv: list[str] | None = None) -> None:
             n_test_per_defect=3,
             category=CATEGORY,
         )
-        for name in ("ours", "L2BT"):
-            result = in_fresh_process(fit_and_test, name, root, workdir, args)
-            rows.append(
-                [
-                    f"fit + test, {args.size} px, {args.epochs} epochs",
-                    f"{name}: Engine defaults (validation, checkpoint every epoch); {args.n_train} train, 13 test "
-                    f"images of {args.data_size} px",
-                    f"fit {result['fit']:.1f} s, test {result['test']:.1f} s; image AUROC {result['auroc']:.3f} "
-                    f"(random teacher); peak {result['memory']:.0f} MiB",
-                ]
-            )
-            print(rows[-1], flush=True)
+        for precision in ("32-true", "bf16-mixed"):
+            for name in ("ours", "L2BT"):
+                result = in_fresh_process(fit_and_test, name, root, workdir, args, precision)
+                rows.append(
+                    [
+                        f"fit + test, {args.size} px, {args.epochs} epochs, precision {precision}",
+                        f"{name}: Engine defaults (validation, checkpoint every epoch); {args.n_train} train, 13 "
+                        f"test images of {args.data_size} px",
+                        f"fit {result['fit']:.1f} s, test {result['test']:.1f} s; image AUROC "
+                        f"{result['auroc']:.3f} (random teacher); peak {result['memory']:.0f} MiB",
+                    ]
+                )
+                print(rows[-1], flush=True)
 
     tiled = in_fresh_process(tiled_inference, args)
     height, width = args.image

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One script for a machine with one CUDA GPU, after `make venv` (it installs nothing): the CUDA tests, inference
 # latency at 1036 px (FP32, fp16, bf16; ours and anomalib's L2BT), fit + test as users run them at 1036 px on the
-# generated demo data (3 epochs), and tiled inference of a 2048 x 2448 image; it ends with one Markdown table.
-# Planned to take under 8 minutes (the wall time is printed last). Teachers have random weights (offline).
+# generated demo data (3 epochs), in the trainer precisions 32-true and bf16-mixed, and tiled inference of a
+# 2048 x 2448 image; it ends with one Markdown table.
+# Planned to take under 10 minutes (the wall time is printed last). Teachers have random weights (offline).
 #
 #   bash benchmarks/gpu.sh                  # defaults of benchmarks/gpu.py
 #   bash benchmarks/gpu.sh --epochs 5       # any option of benchmarks/gpu.py (see its --help)

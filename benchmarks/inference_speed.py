@@ -3,7 +3,7 @@
 Variants, each at every ``--sizes`` resolution (square images of that side, the model's own size):
 
 - ``torch``: PyTorch FP32, ours (``TransformerStudent.forward``: pre-processing, model, post-processing);
-- ``torch-bf16``: ours with ``teacher_precision="bfloat16"`` (the teacher under bf16 autocast; CPUs with bf16
+- ``torch-bf16``: ours under bf16 autocast, as ``precision="bf16-mixed"`` runs it (CPUs with bf16
   units only);
 - ``l2bt``: PyTorch FP32, anomalib's ``L2BT`` with its pre-processor at the same size;
 - OpenVINO exports of ours made by ``to_openvino`` (see ``OPENVINO_VARIANTS`` in ``common.py``), each compiled
@@ -12,9 +12,9 @@ Variants, each at every ``--sizes`` resolution (square images of that side, the 
   weights), ``ov-int8`` and ``ov-int8-bf16`` (INT8 weight compression), ``ov-int8-ptq`` and ``ov-int8-ptq-bf16``
   (quantisation calibrated on generated images); the bf16 ones only on CPUs with bf16 units;
 - on request only, ``ov-int8-ptq-attention``: INT8 PTQ with the teacher's attention products quantised too;
-- with CUDA present, also ``cuda-fp32``, ``cuda-fp16``, ``cuda-bf16`` (ours; half precision through
-  ``teacher_precision``) and ``l2bt-cuda-fp32``, ``l2bt-cuda-fp16``, ``l2bt-cuda-bf16`` (L2BT; half precision:
-  autocast around its forward, as it has no such option).
+- with CUDA present, also ``cuda-fp32``, ``cuda-fp16``, ``cuda-bf16`` (ours) and ``l2bt-cuda-fp32``,
+  ``l2bt-cuda-fp16``, ``l2bt-cuda-bf16`` (L2BT); half precision through autocast around the whole forward, as
+  the trainer's ``precision`` runs the steps.
 
 The first lines name the CPU and which of its features decide the precisions' speed (AVX2, AVX-512,
 AVX512_BF16, AVX512_VNNI, AMX-BF16, AMX-INT8). Each variant runs in a fresh process: ``--warmup`` untimed runs,
@@ -96,9 +96,8 @@ LABELS = {
     "l2bt-cuda-bf16": "PyTorch CUDA bf16 autocast (L2BT)",
 }
 TIMED_PARTS = ("whole", "teacher", "without teacher")  # of --paired
-# Autocast dtype of a PyTorch variant, by the end of its name (ours: the teacher's ``teacher_precision``).
+# Autocast dtype of a PyTorch variant, by the end of its name (as the trainer's 16-mixed / bf16-mixed runs it).
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-TEACHER_PRECISION = {"fp16": "float16", "bf16": "bfloat16"}
 # Module scopes of TransformerStudent, as the ONNX exporter records them, and their share-table names.
 PARTS = {
     "pre_processor": "pre-processing",
@@ -121,13 +120,11 @@ NORMALISATION = {
 }
 
 
-def build_ours(teacher: str, size: int, teacher_precision: str = "float32") -> torch.nn.Module:
+def build_ours(teacher: str, size: int) -> torch.nn.Module:
     """TransformerStudent with a random teacher at ``size``, normalisation statistics set, in eval mode."""
     from anomalib_transformer_student import TransformerStudent
 
-    model = TransformerStudent(
-        pretrained=False, teacher=teacher, image_size=size, teacher_precision=teacher_precision, visualizer=False
-    )
+    model = TransformerStudent(pretrained=False, teacher=teacher, image_size=size, visualizer=False)
     state = model.post_processor.state_dict()
     model.post_processor.load_state_dict({**state, **{key: torch.tensor(v) for key, v in NORMALISATION.items()}})
     return model.eval()
@@ -158,10 +155,7 @@ def measure_torch(variant: str, teacher: str, size: int, warmup: int, runs: int,
     l2bt = variant.startswith("l2bt")
     precision = variant.rsplit("-", 1)[-1]
     half = HALF.get(precision)
-    if l2bt:
-        model = build_l2bt(size, visualizer=False).eval()
-    else:
-        model = build_ours(teacher, size, TEACHER_PRECISION.get(precision, "float32"))
+    model = build_l2bt(size, visualizer=False).eval() if l2bt else build_ours(teacher, size)
     model = model.to(device)
     images = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     parts: dict[str, float] = {}
@@ -169,8 +163,8 @@ def measure_torch(variant: str, teacher: str, size: int, warmup: int, runs: int,
         hook_parts(model, parts)
 
     def run() -> None:
-        # L2BT has no precision option: autocast around its whole forward.
-        with torch.inference_mode(), torch.autocast(device.type, half or torch.bfloat16, enabled=l2bt and bool(half)):
+        # Both models under autocast around their whole forward, as the trainer's precision runs the steps.
+        with torch.inference_mode(), torch.autocast(device.type, half or torch.bfloat16, enabled=bool(half)):
             model(images)
 
     synchronize = torch.cuda.synchronize if cuda else None
@@ -218,7 +212,7 @@ def measure_alternating(
 
     On a shared machine, processes run one after the other see different loads; alternating gives every variant
     the same conditions. ``paths`` holds each OpenVINO variant's IR. PyTorch variants share one model of ours
-    (``torch-bf16``: its ``teacher_precision`` set to ``"bfloat16"`` for the call).
+    (``torch-bf16``: under bf16 autocast).
     """
     import openvino as ov
 
@@ -237,11 +231,10 @@ def measure_alternating(
             request = core.compile_model(paths[name], "CPU", config).create_infer_request()
             runners[name] = lambda request=request: request.infer({0: images.numpy()})
         elif name in {"torch", "torch-bf16"}:
-            precision = "bfloat16" if name == "torch-bf16" else "float32"
+            bf16 = name == "torch-bf16"
 
-            def run_ours(precision: str = precision) -> None:
-                ours.model.teacher_precision = precision
-                with torch.inference_mode():
+            def run_ours(bf16: bool = bf16) -> None:
+                with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                     ours(images)
 
             runners[name] = run_ours

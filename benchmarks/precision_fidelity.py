@@ -7,7 +7,11 @@ time, through each variant:
 
 - ``torch``: PyTorch FP32 (``TransformerStudent.forward``: pre-processing, model, post-processing), the
   reference;
-- ``torch-bf16``: the same model with ``teacher_precision="bfloat16"`` (the teacher under bf16 autocast);
+- ``torch-bf16``: the same model under bf16 autocast, as ``precision="bf16-mixed"`` runs validation, test and
+  predict;
+- ``bf16-mixed``: a second model trained from the same seed with the trainer's ``precision="bf16-mixed"``
+  (teacher, cache fill and students in bf16; loss and map maths in float32) and run in it, against the
+  ``32-true`` model: what choosing ``--trainer.precision bf16-mixed`` for a whole run changes;
 - OpenVINO exports made by ``to_openvino`` with a fixed ``input_size`` (``OPENVINO_VARIANTS`` in ``common.py``),
   each compiled with an explicit ``INFERENCE_PRECISION_HINT``: ``ov-fp32`` (f32), ``ov-bf16`` (FP32 IR in
   bf16, what OpenVINO chooses by itself on CPUs with bf16 units), ``ov-fp16`` (FP16 weights, f32), ``ov-int8`` and
@@ -54,11 +58,13 @@ from common import (
     markdown_rule,
 )
 
-VARIANTS = ("torch-bf16", *(name for name in OPENVINO_VARIANTS if name != "ov-int8-ptq-attention"))
-BF16_VARIANTS = tuple(name for name in VARIANTS if name.endswith("bf16"))
-LABELS = {"torch": "PyTorch FP32 (reference)", "torch-bf16": "PyTorch, teacher bf16"} | {
-    name: variant.label for name, variant in OPENVINO_VARIANTS.items()
-}
+VARIANTS = ("torch-bf16", "bf16-mixed", *(name for name in OPENVINO_VARIANTS if name != "ov-int8-ptq-attention"))
+BF16_VARIANTS = tuple(name for name in VARIANTS if "bf16" in name)
+LABELS = {
+    "torch": "PyTorch FP32 (reference)",
+    "torch-bf16": "PyTorch, bf16 autocast",
+    "bf16-mixed": "trained and run in bf16-mixed",
+} | {name: variant.label for name, variant in OPENVINO_VARIANTS.items()}
 # The demo's training settings (``apps/demo.py``).
 LEARNING_RATE = 1e-3
 TRAIN_BATCH_SIZE = 1
@@ -88,8 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
-    """Generate the demo data and fit a model on it as the demo does; return the model and its datamodule."""
+def train(args: argparse.Namespace, workdir: Path, precision: str = "32-true") -> tuple[Any, Any]:
+    """Generate the demo data and fit a model on it as the demo does, in the trainer's ``precision``.
+
+    Returns the model and its datamodule.
+    """
     from anomalib.callbacks.checkpoint import ModelCheckpoint
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
@@ -121,7 +130,7 @@ def train(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
         pretrained=False,
         image_size=args.image_size,
         lr=LEARNING_RATE,
-        cache_dir=str(workdir / "feature_cache"),
+        feature_cache={"dir": str(workdir / "feature_cache")},
         visualizer=False,
     )
     engine = Engine(
@@ -134,6 +143,7 @@ def train(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
         logger=False,
         accelerator="cpu",
         devices=1,
+        precision=precision,
     )
     engine.fit(model, datamodule=datamodule)
     return model.cpu().eval(), datamodule
@@ -151,16 +161,10 @@ def load_test_images(datamodule: Any) -> tuple[list[np.ndarray], np.ndarray]:
     return images, np.array([int(item.gt_label) for item in items])
 
 
-def torch_predictions(model: Any, images: list[np.ndarray], teacher_precision: str = "float32") -> list[Prediction]:
-    """Predictions of the PyTorch model, its teacher run at ``teacher_precision``."""
-    saved = model.model.teacher_precision
-    model.model.teacher_precision = teacher_precision
-    model.model._precision_noted = False
-    try:
-        with torch.inference_mode():
-            outputs = [model(torch.from_numpy(image)) for image in images]
-    finally:
-        model.model.teacher_precision = saved
+def torch_predictions(model: Any, images: list[np.ndarray], bf16: bool = False) -> list[Prediction]:
+    """Predictions of the PyTorch model, under bf16 autocast with ``bf16``."""
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        outputs = [model(torch.from_numpy(image)) for image in images]
     return [
         {
             "anomaly_map": output.anomaly_map.squeeze().numpy(),
@@ -284,8 +288,12 @@ def main(argv: list[str] | None = None) -> None:
         reference, seconds = timed(torch_predictions, model, images)
         rows = {"torch": (compare(reference, reference, labels), seconds)}
         if "torch-bf16" in variants:
-            predictions, seconds = timed(torch_predictions, model, images, "bfloat16")
+            predictions, seconds = timed(torch_predictions, model, images, True)
             rows["torch-bf16"] = (compare(predictions, reference, labels), seconds)
+        if "bf16-mixed" in variants:
+            bf16_model, _ = train(args, workdir / "bf16-mixed", "bf16-mixed")
+            predictions, seconds = timed(torch_predictions, bf16_model, images, True)
+            rows["bf16-mixed"] = (compare(predictions, reference, labels), seconds)
         paths = export_variants(model, datamodule, variants, args.image_size, workdir / "exports")
         for name in variants:
             if name in OPENVINO_VARIANTS:

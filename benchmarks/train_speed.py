@@ -28,6 +28,7 @@ Usage::
 
     python benchmarks/train_speed.py --as-users-run                    # 448 px, 10 epochs, fit + test
     python benchmarks/train_speed.py --as-users-run --image-size 1036 --epochs 2   # projected to 10 and 50
+    python benchmarks/train_speed.py --as-users-run --precision bf16-mixed         # both models in bf16-mixed
     python benchmarks/train_speed.py                                   # 448 px, ViT-B/14, 10 and 50 epochs
     python benchmarks/train_speed.py --image-size 1036 --accelerator gpu   # the paper's resolution
     python benchmarks/train_speed.py --image-size 224 --teacher vit_small_patch14_dinov2 --epochs 10 50
@@ -102,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"side of the generated images (default: image size; with --as-users-run {USERS_DATA_SIZE})",
     )
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        help="the trainer's precision for both models: 32-true, bf16-mixed, 16-mixed (CUDA)",
+    )
     parser.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     parser.add_argument(
         "--models", nargs="+", default=["TransformerStudent", "L2BT"], choices=["TransformerStudent", "L2BT"]
@@ -177,6 +183,7 @@ def train_worker(args: argparse.Namespace, workdir: Path) -> dict:
         max_epochs=epochs,
         accelerator=args.accelerator,
         devices=1,
+        precision=args.precision,
         default_root_dir=workdir / "results" / args.model,
         logger=False,
         enable_progress_bar=False,
@@ -273,6 +280,7 @@ def run_worker(kind: str, model: str | None, args: argparse.Namespace, workdir: 
         str(args.batch_size),
     ]
     command += ["--teacher", args.teacher, "--accelerator", args.accelerator, "--num-workers", str(args.num_workers)]
+    command += ["--precision", args.precision]
     epochs = args.epochs
     if kind == "users" and model == "L2BT" and args.l2bt_epochs:
         epochs = [args.l2bt_epochs]
@@ -383,7 +391,7 @@ def build_users_model(name: str, args: argparse.Namespace, workdir: Path):
             pretrained=True,
             teacher_weights=str(workdir / "teacher.safetensors"),
             image_size=args.image_size,
-            cache_dir=str(workdir / "cache" / name),
+            feature_cache={"dir": str(workdir / "cache" / name)},
         )
     return build_l2bt(args.image_size, backbone=args.teacher)
 
@@ -523,6 +531,7 @@ def users_worker(args: argparse.Namespace, workdir: Path) -> dict:
         max_epochs=epochs,
         accelerator=args.accelerator,
         devices=1,
+        precision=args.precision,
         default_root_dir=workdir / "results" / args.model,
         callbacks=[clock],
     )
@@ -616,7 +625,8 @@ def print_users_tables(results: dict[str, dict], args: argparse.Namespace) -> No
         f"\n## As users run it: {runs} with anomalib's default callbacks, fit then test\n\n"
         f"{first['train_images']} training images and {first['eval_images']} evaluation images (half good, half "
         f"defective) of {args.data_size} px, resized by the models to {args.image_size} px; batch size "
-        f"{args.batch_size}; teacher {args.teacher}. BOTH TEACHERS HAVE RANDOM WEIGHTS (TransformerStudent's are "
+        f"{args.batch_size}; teacher {args.teacher}; trainer precision {args.precision}. BOTH TEACHERS HAVE RANDOM "
+        f"WEIGHTS (TransformerStudent's are "
         f"loaded from a local .safetensors file with pretrained=True, as users load timm's, so that its "
         f"per-epoch checkpoints leave the frozen teacher out). {first['threads']} CPU threads; "
         f"{args.num_workers} dataloader workers. Validation on the evaluation images and anomalib's checkpoint "

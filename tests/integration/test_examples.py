@@ -77,6 +77,8 @@ def test_python_api_trains_tests_exports_and_infers(python_api: tuple[subprocess
     predictions = [line for line in result.stdout.splitlines() if ": score " in line]
     assert predictions
     assert all(line.endswith(("good", "ANOMALOUS")) for line in predictions)
+    assert [path.name for path in output.parent.iterdir()] == ["results"]  # nothing outside --output
+    assert (output / "openvino_cache").is_dir()
 
 
 def test_openvino_inference_writes_overlays_and_scores(
@@ -92,6 +94,8 @@ def test_openvino_inference_writes_overlays_and_scores(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "computing in f32 (--precision f32)" in result.stdout
+    assert [path.name for path in tmp_path.iterdir()] == ["predictions"]  # nothing outside --output
+    assert (output / "openvino_cache").is_dir()
 
     with (output / "scores.csv").open() as file:
         rows = list(csv.DictReader(file))

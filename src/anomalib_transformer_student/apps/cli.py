@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ class Command:
 
 
 PROG = "transformer-student"
+# Deprecation notices that anomalib 2.7 and timm print on import, about their own code: not the user's to act on.
+THIRD_PARTY_IMPORT_NOTICES = (
+    r"Importing from timm\.models\.layers is deprecated",
+    r"The anomalib\.models\.components\.dinov2 package is deprecated",
+)
 # The package's own errors say what is wrong and what to do (each is raised on purpose for the user).
 PACKAGE = __name__.split(".")[0]
 USER_ERROR_STATUS = 2
@@ -102,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     standard error and returns 2; other exceptions propagate with their traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    for notice in THIRD_PARTY_IMPORT_NOTICES:
+        warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
     names = {command.name for command in COMMANDS}
     selected = next((argument for argument in argv if argument in names), None)
     args = build_parser(selected).parse_args(argv)

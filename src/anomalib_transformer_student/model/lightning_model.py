@@ -12,10 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from anomalib import LearningType
@@ -27,7 +28,7 @@ from ..deploy.export import TransformerStudentExportMixin
 from ..training.chunked_step import step_in_chunks
 from ..training.data_checks import DataChecks
 from ..training.feature_caching import FeatureCacheSettings, FeatureCaching
-from ..training.finite_features import FiniteFeaturesMixin
+from ..training.finite_features import check_finite_features
 from ..training.rng_state import RandomGeneratorState
 from ..training.schedule import PaperSchedule
 from ..training.teacher_checkpointing import TeacherCheckpointMixin
@@ -40,6 +41,7 @@ from .pre_processing import (
     square_resize_transform,
     training_input,
 )
+from .precision import emulates_bf16
 from .teacher import DEFAULT_TEACHER, build_teacher
 from .tiling import Tiling, TilingSettings
 from .torch_model import TransformerStudentModel
@@ -58,7 +60,7 @@ DEFAULT_IMAGE_SIZE = 1036
 __all__ = ["TransformerStudent"]
 
 
-class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, TransformerStudentExportMixin, AnomalibModule):
+class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, AnomalibModule):
     """Learning to Be a Transformer to Pinpoint Anomalies (Costanzino et al., IEEE Access 2025).
 
     A frozen DINOv2 ViT (the teacher) yields patch tokens at two depths; two shallow MLPs (the
@@ -89,8 +91,6 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
             bool for ``enabled``): by default each image's teacher features are computed once per fit.
         full_resolution_maps: Return each map at its image's original size (padding cropped away), as the
             paper evaluates; applies to the default pre-processor.
-        teacher_precision: ``"float32"`` (faithful), or ``"float16"``/``"bfloat16"`` autocast of the teacher
-            (CUDA; bf16 on CPUs with bf16 units, else float32 with one warning); exports stay float32.
         pre_processor: Pre-processor, or ``True`` for square edge-pad, bicubic resize to
             ``image_size`` and ImageNet normalisation (:class:`OriginalSizePreProcessor`).
         post_processor: Post-processor, or ``True`` for anomalib's default.
@@ -98,6 +98,10 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         visualizer: Visualizer, or ``True`` for anomalib's default.
         **legacy: Options of earlier versions under their flat names (``tile_size``, ``topk_ratio``, ...), as
             checkpoints written by them hold: moved into their groups (see :mod:`.options`).
+
+    Precision is the trainer's: ``--trainer.precision bf16-mixed`` (``Engine(precision="bf16-mixed")``) runs
+    teacher and students in bf16 in every stage, the loss and the map maths in float32; exports stay float32.
+    On a CPU without bf16 units the model runs float32 instead, with one warning.
 
     Corrupt images stop a stage with ``CorruptImageError`` naming them; to skip them instead, give the trainer
     ``DataChecks(skip_corrupt_images=True)`` (``--trainer.callbacks`` on the CLI, ``Engine(callbacks=[...])``).
@@ -122,7 +126,6 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         tiling: TilingSettings = NO_TILING,
         feature_cache: FeatureCacheSettings | bool | None = DEFAULT_CACHE,
         full_resolution_maps: bool = True,
-        teacher_precision: Literal["float32", "float16", "bfloat16"] = "float32",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -143,6 +146,7 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         self.weights_source = weights_source(teacher, pretrained, teacher_weights)
         self.lr = lr
         self.max_epochs = max_epochs
+        self._bf16_fallback_noted = False
         feature_extractor = build_teacher(teacher, layers, image_size, pretrained)
         geometry = options.tiling.geometry(
             feature_extractor.image_size, feature_extractor.patch_size, pre_processor is True, full_resolution_maps
@@ -150,7 +154,6 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         self.model = TransformerStudentModel(
             feature_extractor,
             **anomaly_map,
-            teacher_precision=teacher_precision,
             teacher_batch_size=None if geometry is None else options.tiling.tile_batch_size,
         )
         if pre_processor is True:
@@ -222,17 +225,18 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         optimiser step per batch (:func:`~..training.chunked_step.step_in_chunks`).
         """
         del args, kwargs
-        images, tiles = training_input(self.pre_processor, batch.image)
-        if self.automatic_optimization:
-            loss = self._student_loss(batch_idx, images, batch.image_path, tiles)
-        else:
-            paths = batch.image_path
-            loss = step_in_chunks(
-                self,
-                len(images),
-                self.model.teacher_batch_size,
-                lambda part: self._student_loss(batch_idx, images[part.start : part.stop], paths, tiles, part),
-            )
+        with self._precision():
+            images, tiles = training_input(self.pre_processor, batch.image)
+            if self.automatic_optimization:
+                loss = self._student_loss(batch_idx, images, batch.image_path, tiles)
+            else:
+                paths = batch.image_path
+                loss = step_in_chunks(
+                    self,
+                    len(images),
+                    self.model.teacher_batch_size,
+                    lambda part: self._student_loss(batch_idx, images[part.start : part.stop], paths, tiles, part),
+                )
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
         return {"loss": loss}
 
@@ -242,13 +246,36 @@ class TransformerStudent(TeacherCheckpointMixin, FiniteFeaturesMixin, Transforme
         """The students' loss on ``images``: the batch's entries (tiles) ``part``, or all of them."""
         teacher = self.model.teacher_features
         shallow, deep = self.feature_caching.training.tokens(images, paths, teacher, tiles, part)
-        self.check_features(batch_idx, shallow, deep, images)  # NaN from a broken teacher must not train 50 epochs
+        if batch_idx == 0:  # NaN from a broken teacher must not train 50 epochs: checked once per epoch
+            check_finite_features(
+                shallow,
+                deep,
+                images=images,
+                teacher=self.model.teacher,
+                precision=self.trainer.precision,
+                weights_source=None if self.weights_source is None else self.weights_source.name,
+            )
         return self.model.student_loss(shallow, deep)
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """The trainer's autocast as it is, or float32 where bf16 would only be emulated (one warning per model)."""
+        if self._trainer is None or not emulates_bf16(self._trainer.precision, self.device):
+            return contextlib.nullcontext()
+        if not self._bf16_fallback_noted:
+            self._bf16_fallback_noted = True
+            logger.warning(
+                "precision=%s: this CPU has no bf16 units (AVX512_BF16 or AMX-BF16 on x86, BF16 on Arm), on which "
+                "PyTorch emulates bfloat16 several times slower than float32, so the model runs in float32. Pass "
+                "--trainer.precision 32-true (Engine(precision='32-true')) to silence this.",
+                self._trainer.precision,
+            )
+        return torch.autocast("cpu", enabled=False)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Anomaly maps (at the original size with ``full_resolution_maps``) and scores of evaluation images."""
         del args, kwargs
-        return batch.update(**self._predict(batch.image, batch.image_path)._asdict())
+        with self._precision():
+            return batch.update(**self._predict(batch.image, batch.image_path)._asdict())
 
     test_step = predict_step = validation_step
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from anomalib.data import InferenceBatch
@@ -14,46 +10,12 @@ from torch import nn
 from torch.nn import functional
 
 from ..training.chunked_step import chunks
-from ..training.dtypes import DTYPES
-from ..training.settings import one_of, positive_int
+from ..training.settings import positive_int
 from .anomaly_map import AnomalyMapGenerator, square_padding
+from .precision import float32_maths
 from .students import StudentMLP
 from .teacher import TeacherFeatureExtractor
 from .tiling import TileLayout, stitch
-
-logger = logging.getLogger(__name__)
-
-# ``teacher_precision``'s choices: the teacher's autocast dtype; float32 runs no autocast. On CUDA both half
-# precisions apply; on CPUs only bfloat16, and only where the CPU has bf16 units (see ``cpu_has_bf16_units``).
-TEACHER_PRECISIONS = tuple(DTYPES)
-# CPU features (Linux ``/proc/cpuinfo`` flags, and the keys of ``torch.cpu.get_capabilities``) of units that
-# compute bfloat16 natively: x86 AVX512_BF16 (Intel Cooper Lake and later Xeons, AMD Zen 4 and later) and AMX-BF16
-# (Intel Xeon Sapphire Rapids and later), Arm BF16 (e.g. Neoverse V1, AWS Graviton3).
-BF16_CPU_FEATURES = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-@functools.cache
-def cpu_features() -> frozenset[str]:
-    """Lower-case features of this CPU, from PyTorch (``torch.cpu.get_capabilities``) and ``/proc/cpuinfo``."""
-    features: set[str] = set()
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if capabilities is not None:
-        with contextlib.suppress(RuntimeError):  # CPUs that PyTorch cannot read: /proc/cpuinfo may still tell
-            features |= {name.lower() for name, present in capabilities().items() if present is True}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith(("flags", "Features")):  # x86, Arm
-                features |= set(line.partition(":")[2].lower().split())
-    return frozenset(features)
-
-
-def cpu_has_bf16_units() -> bool:
-    """Whether this machine's CPU computes bfloat16 natively (x86: AVX512_BF16 or AMX-BF16; Arm: BF16).
-
-    Without such units PyTorch emulates bfloat16 in software, which runs a ViT many times slower than float32.
-    """
-    return bool(BF16_CPU_FEATURES & cpu_features())
 
 
 def cosine_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -69,16 +31,14 @@ class TransformerStudentModel(nn.Module):
     mode it returns an :class:`~anomalib.data.InferenceBatch` with ``pred_score`` ``(B,)`` and
     ``anomaly_map`` ``(B, 1, H, W)`` at the input's size.
 
+    Teacher and students compute in the precision of the surrounding autocast (the trainer's
+    ``precision``); the teacher's tokens, the loss and the map maths are float32 (see :mod:`.precision`).
+
     Args:
         teacher: The frozen feature extractor; it decides token width, patch grid and input size.
         blur_kernel_sizes: Box-filter stages of the map smoothing.
         blur_repeats: Repetitions of each stage.
         topk_ratio: Fraction of map pixels averaged into the image score.
-        teacher_precision: ``"float32"`` (faithful to the reference), or ``"float16"``/``"bfloat16"`` to run
-            the teacher under autocast: on CUDA both; on CPUs ``"bfloat16"`` where the CPU has bf16 units
-            (:func:`cpu_has_bf16_units`), else the teacher runs float32 with one warning (``"float16"`` on a CPU
-            too: it is no faster there). Its tokens come back as float32. Exported graphs always hold the
-            float32 teacher (the runtime chooses its precision).
         teacher_batch_size: Most images (tiles) the teacher takes at once outside export; larger
             batches run in chunks of this size, which bounds memory and, on CPUs, keeps the cost
             per image that of a small batch. ``None`` runs every batch whole. Exported graphs
@@ -99,13 +59,10 @@ class TransformerStudentModel(nn.Module):
         blur_kernel_sizes: Sequence[int] = (5, 7),
         blur_repeats: Sequence[int] = (5, 3),
         topk_ratio: float = 0.001,
-        teacher_precision: str = "float32",
         teacher_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.teacher_batch_size = teacher_batch_size
-        self.teacher_precision = one_of("teacher_precision", teacher_precision, TEACHER_PRECISIONS)
-        self._precision_noted = False
         self.teacher = teacher
         self.forward_student = StudentMLP(teacher.embed_dim)
         self.backward_student = StudentMLP(teacher.embed_dim)
@@ -121,11 +78,15 @@ class TransformerStudentModel(nn.Module):
         self._teacher_batch_size = None if value is None else positive_int("teacher_batch_size", value)
 
     def student_loss(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-        """Training loss from the teacher's tokens (callers may pass cached tokens)."""
-        return cosine_loss(self.forward_student(shallow), deep) + cosine_loss(self.backward_student(deep), shallow)
+        """Training loss from the teacher's tokens (callers may pass cached tokens), computed in float32."""
+        predicted_deep, predicted_shallow = self.forward_student(shallow), self.backward_student(deep)
+        with float32_maths(shallow.device):
+            return cosine_loss(predicted_deep.float(), deep.float()) + cosine_loss(
+                predicted_shallow.float(), shallow.float()
+            )
 
     def teacher_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the teacher's shallow and deep tokens as float32, run at ``teacher_precision`` where it applies.
+        """Return the teacher's shallow and deep tokens as float32, whatever precision the teacher ran in.
 
         Outside export, in chunks of at most ``teacher_batch_size`` images.
         """
@@ -136,48 +97,8 @@ class TransformerStudentModel(nn.Module):
         return self._teacher_tokens(images)
 
     def _teacher_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = self.autocast_dtype(images.device)
-        if dtype is None:
-            return self.teacher(images)
-        with torch.autocast(images.device.type, dtype=dtype):
-            shallow, deep = self.teacher(images)
+        shallow, deep = self.teacher(images)
         return shallow.float(), deep.float()
-
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The dtype the teacher runs in under autocast on ``device``; ``None``: float32, no autocast.
-
-        ``teacher_precision`` applies on CUDA, and its ``"bfloat16"`` on CPUs with bf16 units; elsewhere the
-        teacher runs float32 and one warning per model says why. Never during export: graphs hold float32.
-        """
-        dtype = DTYPES[self.teacher_precision]
-        if dtype == torch.float32 or torch.compiler.is_exporting():
-            return None
-        if device.type == "cuda":
-            return dtype
-        if device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_bf16_units():
-            return dtype
-        if not self._precision_noted:
-            self._precision_noted = True
-            if device.type != "cpu":
-                reason = f"it applies on CUDA and CPUs only, not on {device.type}"
-            elif dtype == torch.bfloat16:
-                reason = (
-                    "this CPU has no bf16 units (AVX512_BF16 or AMX-BF16 on x86, BF16 on Arm), on which PyTorch "
-                    "would emulate bfloat16 many times slower than float32"
-                )
-            else:
-                reason = (
-                    "float16 autocast on CPUs is no faster than float32; use teacher_precision='bfloat16' on CPUs "
-                    "with bf16 units"
-                )
-            logger.warning(
-                "teacher_precision=%s: the teacher runs in float32 on %s, as %s. Set teacher_precision='float32' "
-                "to silence this.",
-                self.teacher_precision,
-                device.type,
-                reason,
-            )
-        return None
 
     def forward(
         self,
@@ -236,15 +157,17 @@ class TransformerStudentModel(nn.Module):
             output_size, window = (side, side), original_size
         elif original_size is not None:
             output_size = original_size
-        anomaly_map, pred_score = generator(
-            shallow=shallow,
-            deep=deep,
-            predicted_shallow=self.backward_student(deep),
-            predicted_deep=self.forward_student(shallow),
-            grid_size=self.teacher.grid_size,
-            output_size=output_size,
-            original_size=window,
-        )
+        predicted_shallow, predicted_deep = self.backward_student(deep), self.forward_student(shallow)
+        with float32_maths(shallow.device):
+            anomaly_map, pred_score = generator(
+                shallow=shallow.float(),
+                deep=deep.float(),
+                predicted_shallow=predicted_shallow.float(),
+                predicted_deep=predicted_deep.float(),
+                grid_size=self.teacher.grid_size,
+                output_size=output_size,
+                original_size=window,
+            )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def patch_scores(self, shallow: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
@@ -253,9 +176,11 @@ class TransformerStudentModel(nn.Module):
         Row by row: the scores of some tiles do not depend on the others, so that a tiled image's
         tiles can be scored chunk by chunk and only their scores kept (see :meth:`predict_tiled`).
         """
-        return self.anomaly_map_generator.patch_scores(
-            shallow, deep, self.backward_student(deep), self.forward_student(shallow)
-        )
+        predicted_shallow, predicted_deep = self.backward_student(deep), self.forward_student(shallow)
+        with float32_maths(shallow.device):
+            return self.anomaly_map_generator.patch_scores(
+                shallow.float(), deep.float(), predicted_shallow.float(), predicted_deep.float()
+            )
 
     def predict_tiled(self, patch_scores: torch.Tensor, layout: TileLayout) -> InferenceBatch:
         """``InferenceBatch(pred_score, anomaly_map)`` of tiled images from their tiles' :meth:`patch_scores`.
@@ -267,9 +192,10 @@ class TransformerStudentModel(nn.Module):
             layout: The tiles' :class:`~.tiling.TileLayout`.
         """
         generator = self.anomaly_map_generator
-        patch_map = stitch(patch_scores.reshape(-1, *self.teacher.grid_size), layout)
-        anomaly_map = generator.smooth(patch_map, layout.canvas, window=layout.window)
-        return InferenceBatch(pred_score=generator.score(anomaly_map), anomaly_map=anomaly_map)
+        patch_map = stitch(patch_scores.float().reshape(-1, *self.teacher.grid_size), layout)
+        with float32_maths(patch_map.device):
+            anomaly_map = generator.smooth(patch_map, layout.canvas, window=layout.window)
+            return InferenceBatch(pred_score=generator.score(anomaly_map), anomaly_map=anomaly_map)
 
     def predict_in_chunks(
         self,

@@ -115,7 +115,7 @@ class FeatureCaching(Callback):
 
     The model asks :attr:`training` and :attr:`evaluation` for each batch's tokens and returns this
     callback from ``configure_callbacks``. The model must offer ``model.teacher`` (with its
-    ``backbone``), ``model.teacher_precision``, ``architecture``, ``pre_processor``, ``tiling`` and
+    ``backbone``), ``architecture``, ``pre_processor``, ``tiling`` and
     ``load_teacher_weights()``.
 
     Args:
@@ -152,7 +152,7 @@ class FeatureCaching(Callback):
         identity = {
             **module.architecture,
             "pre_processing": pre_processing_spec(pre_processor),
-            "teacher_precision": module.model.teacher_precision,
+            "precision": "32-true" if module._trainer is None else str(module._trainer.precision),
             "keep_original_size": getattr(pre_processor, "keep_original_size", None),
         }
         if module.tiling is not None:

@@ -3,13 +3,11 @@
 A teacher that yields NaN or Inf (a broken weights file, weights of another architecture, a
 float16 overflow) makes the students' loss NaN; Adam then turns every student weight into NaN
 and training goes on for its full length, producing a model that scores every image NaN.
-:func:`check_finite_features` turns that into an error at the first batch that names the likely cause;
-:class:`FiniteFeaturesMixin` gives the Lightning module the check of each epoch's first batch.
+:func:`check_finite_features` turns that into an error at the first batch that names the likely cause; the
+Lightning module runs it on each epoch's first batch.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +32,7 @@ def _non_finite_parameters(module: nn.Module) -> list[str]:
 def likely_cause(
     images: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
-    teacher_precision: str = "float32",
+    precision: object = "32-true",
     weights_source: str | None = None,
 ) -> str:
     """The most likely reason for non-finite teacher features, most specific first.
@@ -42,7 +40,7 @@ def likely_cause(
     Args:
         images: The batch the teacher saw.
         teacher: The teacher module, whose weights are inspected.
-        teacher_precision: The model's ``teacher_precision``.
+        precision: The trainer's precision (``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``, ...).
         weights_source: Where the teacher's weights came from (a file, or a timm name).
     """
     source = f" ({weights_source})" if weights_source else ""
@@ -59,10 +57,10 @@ def likely_cause(
             "or corrupt (e.g. a partial download or a bad conversion); fetch it again or point `teacher_weights` "
             "to a good copy"
         )
-    if teacher_precision == "float16":
+    if str(precision).startswith("16"):
         return (
-            "float16 overflow in the teacher (teacher_precision='float16'): use teacher_precision='bfloat16' "
-            "(same speed on recent GPUs, float32's range) or 'float32'"
+            f"float16 overflow in the teacher (precision {precision}): use --trainer.precision bf16-mixed "
+            "(same speed on recent GPUs, float32's range) or 32-true"
         )
     return (
         f"the teacher's weights{source} do not suit this architecture (a `teacher_weights` file made for another "
@@ -77,7 +75,7 @@ def check_finite_features(
     *,
     images: torch.Tensor | None = None,
     teacher: nn.Module | None = None,
-    teacher_precision: str = "float32",
+    precision: object = "32-true",
     weights_source: str | None = None,
 ) -> None:
     """Raise :class:`NonFiniteFeaturesError` if the teacher's tokens hold NaN or Inf.
@@ -90,7 +88,7 @@ def check_finite_features(
         deep: Tokens of the deep layer, ``(B, N, D)``.
         images: The batch the teacher saw.
         teacher: The teacher module.
-        teacher_precision: The model's ``teacher_precision``.
+        precision: The trainer's precision.
         weights_source: Where the teacher's weights came from.
 
     Example:
@@ -105,35 +103,9 @@ def check_finite_features(
     msg = (
         f"The teacher's features are not finite (shallow layer: {_count(shallow)}; deep layer: {_count(deep)}), "
         "so training would only produce NaN. Likely cause: "
-        f"{likely_cause(images, teacher, teacher_precision, weights_source)}."
+        f"{likely_cause(images, teacher, precision, weights_source)}."
     )
     raise NonFiniteFeaturesError(msg)
 
 
-class FiniteFeaturesMixin:
-    """Lets a Lightning module stop training when the teacher's features of an epoch's first batch are not finite.
-
-    A mixin rather than a callback: the features exist only inside ``training_step``, and the check must
-    run before the optimiser's first step. The module provides ``model`` (with ``teacher`` and
-    ``teacher_precision``) and ``weights_source`` (see
-    :func:`~anomalib_transformer_student.training.teacher_weights.weights_source`).
-    """
-
-    model: Any
-    weights_source: Any
-
-    def check_features(self, batch_idx: int, shallow: torch.Tensor, deep: torch.Tensor, images: torch.Tensor) -> None:
-        """At ``batch_idx`` 0 (one check per epoch), raise :class:`NonFiniteFeaturesError` for NaN or Inf tokens."""
-        if batch_idx != 0:
-            return
-        check_finite_features(
-            shallow,
-            deep,
-            images=images,
-            teacher=self.model.teacher,
-            teacher_precision=self.model.teacher_precision,
-            weights_source=None if self.weights_source is None else self.weights_source.name,
-        )
-
-
-__all__ = ["FiniteFeaturesMixin", "NonFiniteFeaturesError", "check_finite_features", "likely_cause"]
+__all__ = ["NonFiniteFeaturesError", "check_finite_features", "likely_cause"]

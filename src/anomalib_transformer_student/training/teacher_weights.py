@@ -42,6 +42,10 @@ class TeacherWeightsUnavailableError(RuntimeError):
     """The teacher's pretrained weights could not be had (offline, not cached, or not found)."""
 
 
+class TeacherWeightsMismatchError(ValueError):
+    """A weights file holds tensors of another architecture than the teacher's (another size, patch or width)."""
+
+
 def _hub_endpoint() -> str:
     from huggingface_hub import constants
 
@@ -96,14 +100,16 @@ def _offline_mode() -> bool:
 
 
 def unavailable_message(name: str, reason: str) -> str:
-    """The error text for weights that cannot be fetched, with both ways out."""
+    """The error text for weights that cannot be fetched, with the ways out."""
     return (
         f"Could not fetch the pretrained weights of teacher '{name}': {reason}.\n"
         "Ways out:\n"
-        "  1. On a machine with internet, download them once (e.g. "
+        "  1. Point `teacher_weights` to a local copy of the weights file (`--model.teacher_weights FILE`; timm's "
+        "or the official DINOv2/DINOv3 layout, see docs/how-to/offline.md);\n"
+        "  2. or, on a machine with internet, download them once (e.g. "
         f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`), copy the Hugging Face "
         "cache (~/.cache/huggingface) to this machine and set HF_HUB_OFFLINE=1;\n"
-        "  2. or train without pretrained weights (`pretrained=False`, only for tests and experiments)."
+        "  3. or train without pretrained weights (`pretrained=False`, only for tests and experiments)."
     )
 
 
@@ -213,7 +219,28 @@ def mask_official_qkv_bias(state_dict: dict[str, torch.Tensor], model: nn.Module
     return converted
 
 
-def to_timm_layout(state_dict: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def _shape_differences(state_dict: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """``key: file (shape), teacher (shape)`` for each tensor both hold with different shapes."""
+    expected = model.state_dict()
+    return [
+        f"{key}: file {tuple(tensor.shape)}, teacher {tuple(expected[key].shape)}"
+        for key, tensor in state_dict.items()
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape)
+    ]
+
+
+def _mismatch(source: str, name: str, differences: list[str], detail: str = "") -> TeacherWeightsMismatchError:
+    shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+    found = f"{len(differences)} tensors differ in shape ({shown})" if differences else detail
+    return TeacherWeightsMismatchError(
+        f"{source} does not fit teacher '{name}': {found}. Give the file made for '{name}', or set `teacher` to the "
+        "model the file was made for (e.g. `--model.teacher vit_small_patch14_dinov2` for a ViT-S/14 file)."
+    )
+
+
+def to_timm_layout(
+    state_dict: dict[str, torch.Tensor], name: str, source: str = "The weights"
+) -> dict[str, torch.Tensor]:
     """Convert ``state_dict`` to the layout of timm model ``name`` with timm's own checkpoint filter.
 
     The ``checkpoint_filter_fn`` of the model's timm family converts the layouts timm knows and leaves
@@ -233,11 +260,21 @@ def to_timm_layout(state_dict: dict[str, torch.Tensor], name: str) -> dict[str, 
 
     Raises:
         ValueError: If an official DINOv3 file holds biases the architecture has no place for.
+        TeacherWeightsMismatchError: If tensors of the weights do not fit the architecture (``source`` names them).
     """
     native = timm.create_model(name, pretrained=False, num_classes=0, device="meta")
     if is_official_dinov3(state_dict):
         state_dict = mask_official_qkv_bias(state_dict, native, name)
-    return _checkpoint_filter(native)(state_dict, native)
+    try:
+        converted = _checkpoint_filter(native)(state_dict, native)
+    except (RuntimeError, ValueError, KeyError, IndexError) as error:  # timm's resampling of another model's grid
+        raise _mismatch(
+            source, name, _shape_differences(state_dict, native), f"{type(error).__name__}: {error}"
+        ) from error
+    differences = _shape_differences(converted, native)
+    if differences:
+        raise _mismatch(source, name, differences)
+    return converted
 
 
 def teacher_state_dict(name: str, weights: str | None) -> dict[str, torch.Tensor]:
@@ -245,7 +282,7 @@ def teacher_state_dict(name: str, weights: str | None) -> dict[str, torch.Tensor
     if weights is None:
         return fetch_pretrained_state_dict(name)
     logger.info("Loading teacher weights from '%s'.", weights)
-    return to_timm_layout(read_weights_file(weights), name)
+    return to_timm_layout(read_weights_file(weights), name, f"The weights file '{weights}'")
 
 
 @dataclass(frozen=True)

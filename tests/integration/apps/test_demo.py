@@ -16,17 +16,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from anomalib.data import MVTecAD
 from PIL import Image
 
 from anomalib_transformer_student.apps import cli, demo
 from anomalib_transformer_student.apps.demo_data import TEXTURES, DemoDatasetSpec
+from anomalib_transformer_student.apps.demo_datamodule import DEFAULT_ROOT, DemoData
 from anomalib_transformer_student.apps.report import format_metrics_table, write_metrics_json
 from anomalib_transformer_student.training import teacher_weights
 
 SMALL_TEACHER = "vit_small_patch14_dinov2"
 TINY_RUN = ["demo", "--categories", "brick", "--image-size", "112", "--epochs", "1", "--teacher", SMALL_TEACHER]
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo_data.yaml"
+
+
+def _never_download(*_: object, **__: object) -> None:
+    raise AssertionError("the demo data config must never download")
 
 
 def _never_fetch(name: str, timeout: float = 0.0) -> dict:
@@ -221,11 +225,22 @@ def test_report_writes_plain_json_and_marks_missing_metrics(tmp_path: Path) -> N
 def test_data_config_points_at_the_demo_dataset() -> None:
     config = yaml.safe_load(CONFIG.read_text())
 
-    assert config["class_path"] == "anomalib.data.MVTecAD"
-    assert Path(config["init_args"]["root"]) == demo.DEFAULT_DATA_ROOT
+    assert config["class_path"] == f"{DemoData.__module__}.{DemoData.__name__}"
+    assert Path(config["init_args"]["root"]) == demo.DEFAULT_DATA_ROOT == DEFAULT_ROOT
     assert config["init_args"]["category"] in TEXTURES
-    datamodule = MVTecAD(**config["init_args"])
+    datamodule = DemoData(**config["init_args"])
     assert datamodule.num_workers == 0
+
+
+def test_data_config_run_elsewhere_names_the_fix_and_downloads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    monkeypatch.chdir(tmp_path)  # not where the demo wrote its dataset
+    monkeypatch.setattr("anomalib.data.datamodules.image.mvtecad.download_and_extract", _never_download)
+    with pytest.raises(FileNotFoundError, match=r"No demo dataset at .*--data\.root"):
+        DemoData(**config["init_args"]).prepare_data()
+    assert list(tmp_path.iterdir()) == []  # no empty dataset folder left behind
 
 
 # ------------------------------------------------------------------------------ what the demo deletes and says

@@ -22,10 +22,12 @@ from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.model.teacher import TeacherFeatureExtractor
 from anomalib_transformer_student.training import teacher_weights as weights_module
 from anomalib_transformer_student.training.teacher_weights import (
+    TeacherWeightsMismatchError,
     TeacherWeightsUnavailableError,
     fetch_pretrained_state_dict,
     hub_reachable,
     read_weights_file,
+    teacher_state_dict,
 )
 
 IMAGE_SIZE = 112
@@ -213,3 +215,20 @@ def test_gated_repository_names_the_license_and_the_login(monkeypatch: pytest.Mo
     message = str(error.value)
     assert "accept its license on the model's Hugging Face page" in message
     assert "HF_TOKEN" in message
+
+
+def test_file_of_another_architecture_names_the_file_the_teacher_and_the_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "vit_small.safetensors"
+    save_file(timm.create_model("vit_small_patch14_dinov2", num_classes=0).state_dict(), path)
+    teacher = "vit_base_patch14_reg4_dinov2.lvd142m"
+    with pytest.raises(TeacherWeightsMismatchError) as error:
+        teacher_state_dict(teacher, str(path))
+    message = str(error.value)
+    assert str(path) in message and f"teacher '{teacher}'" in message
+    assert re.search(r"tensors differ in shape \(.*: file \(.*384.*\), teacher \(.*768.*\)", message)
+    assert "--model.teacher" in message
+
+
+def test_unfetchable_weights_offer_a_local_weights_file_first() -> None:
+    message = weights_module.unavailable_message("vit_small_patch14_dinov2.lvd142m", "offline")
+    assert message.index("--model.teacher_weights FILE") < message.index("HF_HUB_OFFLINE=1")

@@ -375,7 +375,6 @@ def test_every_part_of_the_fingerprint_matters() -> None:
         "layers": _model(layers=(5, 11)),
         "image size": _model(image_size=70),
         "pre-processing": _model(pre_processor=OriginalSizePreProcessor(bilinear)),
-        "teacher precision": _model(teacher_precision="float16"),
         "cache dtype": _model(cache_dtype="float32"),
     }
     for name, variant in variants.items():

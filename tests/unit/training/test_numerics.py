@@ -47,8 +47,8 @@ def test_cause_broken_weights_names_tensor_and_source() -> None:
 
 
 def test_cause_float16_overflow() -> None:
-    with pytest.raises(NonFiniteFeaturesError, match=r"float16 overflow.*bfloat16"):
-        check_finite_features(FINITE / 0, FINITE, teacher=torch.nn.Linear(2, 2), teacher_precision="float16")
+    with pytest.raises(NonFiniteFeaturesError, match=r"overflow in the teacher \(precision 16-mixed\).*bf16-mixed"):
+        check_finite_features(FINITE / 0, FINITE, teacher=torch.nn.Linear(2, 2), precision="16-mixed")
 
 
 def test_cause_weights_of_another_model() -> None:
