@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,16 +51,24 @@ def load_model(path: str | os.PathLike[str], **kwargs: Any) -> TransformerStuden
     from ..model import TransformerStudent
     from .cli import is_user_error
 
-    try:
-        return TransformerStudent.load_from_checkpoint(path, **kwargs)
-    except Exception as error:
-        if is_user_error(error) and not isinstance(error, pickle.UnpicklingError):
-            raise
-        msg = (
-            f"Cannot load checkpoint '{Path(path)}': {_reason(error)}. Give a checkpoint that anomalib wrote for "
-            "TransformerStudent (anomalib train / Engine.fit: weights/lightning/model.ckpt)."
-        )
-        raise CheckpointLoadError(msg) from error
+    failure: Exception | None = None
+    with warnings.catch_warnings(record=True) as noticed:  # torch's notes on a refused file: the error says it all
+        warnings.simplefilter("always")
+        try:
+            model = TransformerStudent.load_from_checkpoint(path, **{"weights_only": True, **kwargs})
+        except Exception as error:
+            failure = error
+    if failure is None:
+        for notice in noticed:
+            warnings.warn_explicit(notice.message, notice.category, notice.filename, notice.lineno)
+        return model
+    if is_user_error(failure) and not isinstance(failure, pickle.UnpicklingError):
+        raise failure
+    msg = (
+        f"Cannot load checkpoint '{Path(path)}': {_reason(failure)}. Give a checkpoint that anomalib wrote for "
+        "TransformerStudent (anomalib train / Engine.fit: weights/lightning/model.ckpt)."
+    )
+    raise CheckpointLoadError(msg) from failure
 
 
 __all__ = ["CheckpointLoadError", "load_model"]
