@@ -233,8 +233,8 @@ class FeatureStore:
     def summary(self) -> str:
         """One line: entries in memory and on disk, hits and misses."""
         return (
-            f"{len(self.memory)} images in memory, {len(self.spill.entries)} on disk in {self.folder.path}; "
-            f"{self.hits} hits, {self.misses} misses"
+            f"rank {self.rank}: {len(self.memory)} images in memory, {len(self.spill.entries)} on disk in "
+            f"{self.folder.path}; {self.hits} hits, {self.misses} misses"
         )
 
     def close(self, remove: bool = True) -> None:
