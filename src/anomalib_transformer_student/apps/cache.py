@@ -57,7 +57,7 @@ def describe(usage: FolderUsage) -> str:
     when = when if isinstance(when, str) else when.strftime("%Y-%m-%d %H:%M UTC")
     state = "in use" if usage.in_use else "unused"
     what = about.get("purpose", "unrecognised (no record): left alone") if usage.about else "unrecognised: left alone"
-    return f"{usage.name:22} {usage.megabytes:9.1f} {when:20}  {state:7}  {what}"
+    return f"{usage.name:22} {usage.bytes / 2**20:9.1f} {when:20}  {state:7}  {what}"
 
 
 def run(args: argparse.Namespace) -> int:

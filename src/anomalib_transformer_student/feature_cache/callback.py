@@ -1,14 +1,14 @@
-"""The feature cache in a run, as a Lightning callback: a store per purpose, opened when a stage starts.
+"""The feature cache in a run, as a Lightning callback.
 
-The training store serves ``fit``; the evaluation store (float32, so maps and scores do not move) serves the
-validations of a fit and the test after it. Each store works in a fresh run folder (:mod:`.run_folder`), removed
-when its stage ends, fails, or the interpreter exits. After a fit (or a validation outside one) the evaluation
-store moves its entries to disk and releases its folder; the test that follows reopens it, or recomputes if it
-vanished. In DDP rank 0 makes the folder and broadcasts its name; every rank writes its own spill file.
+A training store serves ``fit``, an evaluation store (float32) the validations and the test after them. Each
+works in a fresh run folder, removed when its stage ends, fails, or the interpreter exits; after a fit the
+evaluation store goes to disk and releases its folder, which the test reopens (recomputing what vanished).
+In DDP rank 0 makes the folder and broadcasts its name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +25,7 @@ from ..training.weights_digest import DigestMemo
 from .run_folder import CacheRoot, RunFolder
 from .settings import CacheSettings
 from .spill_file import DamagedSpillFile
-from .store import FeatureStore, ImageKeys, Teacher, tile_keys
+from .store import FeatureStore, ImageKeys, Teacher
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -61,17 +61,11 @@ def feature_fingerprint(module: LightningModule, weights: str, purpose: str, dty
         spec = transform_to_spec(transform)
     except ValueError:
         spec = repr(transform)
-    identity = {
-        **module.architecture,
-        "pre_processing": spec,
-        "teacher_precision": module.model.teacher_precision,
-        "keep_original_size": getattr(module.pre_processor, "keep_original_size", None),
-        "tiling": None if module.tiling is None else module.tiling.spec,
-        "weights": weights,
-        "purpose": purpose,
-        "dtype": dtype,
-        "augmentations": None if augmentations is None else repr(augmentations),
-    }
+    keep_size = getattr(module.pre_processor, "keep_original_size", None)
+    tiling = None if module.tiling is None else module.tiling.spec
+    identity = {**module.architecture, "pre_processing": spec, "precision": module.model.teacher_precision,
+                "keep_original_size": keep_size, "tiling": tiling, "weights": weights, "purpose": purpose,
+                "dtype": dtype, "augmentations": None if augmentations is None else repr(augmentations)}  # fmt: skip
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()
 
 
@@ -89,15 +83,14 @@ class _Cache:
 
 
 def _close(cache: _Cache, directory: Path, keep_parked: bool = False) -> None:
-    if cache.store is not None:
-        logger.info("Teacher-feature cache for %s: %s.", cache.purpose, cache.store.summary())
-        cache.store.close()
+    if (store := cache.store) is not None:
+        logger.info("Teacher-feature cache for %s: rank %d: %d images in memory, %d on disk in %s; %d hits, %d misses.",
+                    cache.purpose, store.rank, len(store.memory), len(store.spill.entries), store.folder.path,
+                    store.hits, store.misses)  # fmt: skip
+        store.close()
     if cache.parked and not keep_parked:
-        try:
+        with contextlib.suppress(OSError):
             root = CacheRoot(directory, create=False)
-        except OSError:
-            pass
-        else:
             root.remove_if_unused(cache.parked)
             root.close()
     cache.store, cache.active = None, False
@@ -118,9 +111,8 @@ class FeatureCacheCallback(Callback):
 
     Example:
         >>> import torch
-        >>> callback = FeatureCacheCallback(CacheSettings(enabled=False))
-        >>> teacher = lambda images: (images.flatten(2).mT, images.flatten(2).mT)
-        >>> callback.tokens("training", torch.zeros(2, 3, 4, 4), None, teacher)[0].shape
+        >>> teacher, off = lambda x: (x.flatten(2).mT, x.flatten(2).mT), CacheSettings(enabled=False)
+        >>> FeatureCacheCallback(off).tokens("training", torch.zeros(2, 3, 4, 4), None, teacher)[0].shape
         torch.Size([2, 16, 3])
     """
 
@@ -135,8 +127,7 @@ class FeatureCacheCallback(Callback):
         self._noted: set[str] = set()
         weakref.finalize(self, _close_all, self._caches, self.settings.directory)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (anomalib's ``to_torch`` saves the module) and copied without its open stores."""
+    def __getstate__(self) -> dict[str, Any]:  # pickled (anomalib's to_torch) and copied without open stores
         return {"settings": self.settings, "memo": self.memo}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -148,20 +139,16 @@ class FeatureCacheCallback(Callback):
         augmentations = stage_augmentations(trainer, stage)
         if augmentations is not None and stage not in self._noted:
             self._noted.add(stage)
-            if self.settings.enabled is None:
-                logger.info(
-                    "Teacher-feature cache off for %s: its images are augmented (%s). Set feature_cache.enabled=True "
-                    "to cache the first version anyway.",
-                    stage,
-                    augmentations,
-                )
-            else:
-                logger.warning(
-                    "feature_cache=True with %s-time augmentation (%s): each image's teacher features come from its "
-                    "first augmented version.",
-                    stage,
-                    augmentations,
-                )
+            auto = self.settings.enabled is None
+            (logger.info if auto else logger.warning)(
+                "Teacher-feature cache off for %s: its images are augmented (%s). Set feature_cache.enabled=True "
+                "to cache the first version anyway."
+                if auto
+                else "feature_cache=True with %s-time augmentation (%s): each image's teacher features come from its "
+                "first augmented version.",
+                stage,
+                augmentations,
+            )
         return augmentations is None or self.settings.enabled is True, augmentations
 
     def _start(self, trainer: Trainer, cache: _Cache, parked: str | None) -> FeatureStore | None:
@@ -173,7 +160,7 @@ class FeatureCacheCallback(Callback):
                 root = CacheRoot(directory)
                 if parked:
                     try:
-                        folder = root.open_run(parked, about)
+                        folder = RunFolder(root, parked, about, create=False)
                     except OSError:
                         logger.info("Teacher-feature cache: folder %s is gone; recomputing its features.", parked)
                 folder = folder or root.create_run(about)
@@ -183,16 +170,16 @@ class FeatureCacheCallback(Callback):
         name = trainer.strategy.broadcast(name, src=0)
         try:
             if name is None:
-                if failure is not None:
-                    raise failure
-                self._off = True
-                return None
+                self._off = True  # on every rank alike, so that all ranks keep calling broadcast together
+                if failure is None:
+                    return None
+                raise failure
             if folder is None:
                 root = CacheRoot(directory)
-                folder = root.open_run(name, about)
-            return FeatureStore(root, folder, trainer.global_rank, cache.dtype, **self._budgets(trainer))
+                folder = RunFolder(root, name, about, create=False)
+            budgets = self._memory_mb(trainer), self.settings.disk_budget_mb
+            return FeatureStore(root, folder, trainer.global_rank, cache.dtype, *budgets)
         except (OSError, DamagedSpillFile) as error:
-            self._off = self._off or trainer.global_rank == 0
             logger.warning(
                 "Teacher-feature cache off for this run: its folder '%s' cannot be used (%s). Training and evaluation "
                 "go on without it, with the same results. Point feature_cache.dir (--model.feature_cache.dir) to a "
@@ -206,10 +193,9 @@ class FeatureCacheCallback(Callback):
                 root.close()
             return None
 
-    def _budgets(self, trainer: Trainer) -> dict[str, float]:
+    def _memory_mb(self, trainer: Trainer) -> float:
         # In DDP entries go to disk, where every rank of the machine finds them (Lightning reshuffles shards).
-        memory = 0.0 if trainer.world_size > 1 else self.settings.memory_budget_mb
-        return {"memory_budget_mb": memory, "disk_budget_mb": self.settings.disk_budget_mb}
+        return 0.0 if trainer.world_size > 1 else self.settings.memory_budget_mb
 
     def open_stage(self, trainer: Trainer, module: LightningModule, stage: str) -> None:
         """Keep, reopen, open or bypass the store that serves ``stage`` (``fit``: training; else evaluation)."""
@@ -229,7 +215,7 @@ class FeatureCacheCallback(Callback):
         if cache.store is not None:
             if cache.purpose == "evaluation":
                 training = self._caches["training"].store
-                budget = self._budgets(trainer)["memory_budget_mb"] * 2**20
+                budget = self._memory_mb(trainer) * 2**20
                 used = 0 if training is None else training.memory_bytes
                 cache.store.memory_budget_bytes = max(int(budget) - used, cache.store.memory_bytes, 0)
             cache.active = True
@@ -251,7 +237,9 @@ class FeatureCacheCallback(Callback):
         cache = self._caches[purpose]
         if cache.store is None or not cache.active or not paths:
             return teacher(images)
-        keys = tile_keys([None if path is None else cache.keys(path) for path in paths], tiles_per_image)
+        keys = [None if path is None else cache.keys(path) for path in paths]
+        if tiles_per_image > 1:  # one key per tile, an image's tiles in a row
+            keys = [None if key is None else f"{key}/{tile}" for key in keys for tile in range(tiles_per_image)]
         return cache.store.tokens(keys if tiles is None else keys[tiles.start : tiles.stop], images, teacher)
 
     def _park(self, cache: _Cache) -> None:
@@ -266,13 +254,9 @@ class FeatureCacheCallback(Callback):
         cache.store, cache.active = None, False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Open the training store once the teacher holds its weights."""
+        """Open the training store (the teacher holds its weights by now)."""
         self._off = False
         self.open_stage(trainer, pl_module, "fit")
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Remove the training store's folder."""
-        _close(self._caches["training"], self.settings.directory)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Keep or open the evaluation store (the features of the fit's earlier validations)."""

@@ -1,21 +1,10 @@
 """The cache folder and its run folders: what the cache may create, trust and remove.
 
-Layout::
-
-    <feature_cache.dir>/             0700, the user's; holds nothing but what is listed here
-      .tsfc-budget.lock              taken exclusively around every disk-budget check and spill
-      tsfc-<16 hex>/                 one run's folder (a fit, or a test/validate stage outside a fit)
-        in-use.lock                  held shared while the run uses the folder
-        about.json                   the folder's record: a flat JSON object the cache wrote
-        rank<N>.bin  rank<N>.log     one process's entries and index (see :mod:`.spill_file`)
-      .tsfc-trash-<16 hex>/          a run folder being removed
-
-A run creates its folder with a random name, locks ``in-use.lock`` before it writes the record (to a
-temporary name, then renamed), and removes the folder when it ends. A folder is removed only when its name is
-one of the cache's, its record parses, and its lock is free, checked on the open folder: after the lock is
-taken, the name must still refer to the locked folder. Removal unlinks only the file names the cache writes,
-then ``rmdir``; a folder holding anything else is left in place with a warning. Nothing is opened through a
-symbolic link.
+The folder holds ``.tsfc-budget.lock`` (taken around every disk-budget check and spill), one ``tsfc-<16 hex>/``
+folder per run (``in-use.lock``, held shared while in use; ``about.json``, the record; ``rank<N>.bin/.log``) and
+``.tsfc-trash-<16 hex>/`` folders being removed (docs/how-to/feature-cache.md). A folder is removed only when its
+name is the cache's, its record parses and its lock is free; after locking, the name must still be the locked
+folder. Removal unlinks only the names the cache writes, then ``rmdir``s. No symbolic link is followed.
 """
 
 from __future__ import annotations
@@ -32,9 +21,8 @@ import socket
 import stat
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +47,6 @@ def _refuse(path: object, problem: str) -> CacheFolderError:
         f"Teacher-feature cache folder '{path}' {problem}. Point feature_cache.dir (--model.feature_cache.dir, "
         "--cache-dir) to an empty or missing folder of your own (it is created 0700), or set feature_cache=False."
     )
-
-
-def _cache_names(name: str) -> bool:
-    return bool(RUN.match(name) or TRASH.match(name)) or name == BUDGET_LOCK
 
 
 def _same(descriptor: int, name: str, dir_fd: int) -> bool:
@@ -101,9 +85,8 @@ def read_about(folder: int) -> dict[str, Any] | None:
 
 
 def _lock(descriptor: int, exclusive: bool, wait: bool = False) -> bool:
-    operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
     try:
-        fcntl.flock(descriptor, operation)
+        fcntl.flock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
     return True
@@ -127,24 +110,13 @@ def _empty_folder(parent: int, name: str, folder: int) -> bool:
     return True
 
 
-@dataclass
-class FolderUsage:
-    """One folder as ``transformer-student cache list`` shows it.
-
-    Example:
-        >>> FolderUsage("tsfc-0123456789abcdef", 2**20, {"purpose": "training"}, False).megabytes
-        1.0
-    """
+class FolderUsage(NamedTuple):
+    """One folder as ``transformer-student cache list`` shows it: name, bytes, record (``None``: not the cache's)."""
 
     name: str
     bytes: int
     about: dict[str, Any] | None
     in_use: bool
-
-    @property
-    def megabytes(self) -> float:
-        """Size in MiB."""
-        return self.bytes / 2**20
 
 
 class CacheRoot:
@@ -163,10 +135,8 @@ class CacheRoot:
         >>> import tempfile
         >>> root = CacheRoot(Path(tempfile.mkdtemp()) / "cache")
         >>> run = root.create_run({"purpose": "training"})
-        >>> [usage.in_use for usage in root.usage()]
-        [True]
-        >>> run.remove(); root.usage(), root.close()
-        ([], None)
+        >>> [usage.in_use for usage in root.usage()], run.remove(), root.usage()
+        ([True], None, [])
     """
 
     def __init__(self, path: str | Path, create: bool = True) -> None:
@@ -191,7 +161,7 @@ class CacheRoot:
                 raise _refuse(self.path, f"belongs to another user (uid {status.st_uid})")
             if status.st_mode & 0o022:
                 raise _refuse(self.path, f"is writable by other users (mode {stat.S_IMODE(status.st_mode):o})")
-            foreign = sorted(name for name in os.listdir(self.fd) if not _cache_names(name))
+            foreign = sorted(n for n in os.listdir(self.fd) if not (RUN.match(n) or TRASH.match(n) or n == BUDGET_LOCK))
             if foreign:
                 raise _refuse(self.path, f"holds files the cache did not make ({', '.join(foreign[:3])})")
         except BaseException:
@@ -199,9 +169,19 @@ class CacheRoot:
             raise
         self._budget_lock = open_file(BUDGET_LOCK, self.fd, os.O_RDONLY | os.O_CREAT) if create else -1
 
-    def _folders(self, pattern: re.Pattern[str]) -> list[str]:
+    def _folders(self, pattern: re.Pattern[str] | None = None) -> list[str]:
+        """Names of the run (or ``pattern``'s) folders, links excluded."""
         with os.scandir(self.fd) as entries:
-            return sorted(e.name for e in entries if pattern.match(e.name) and e.is_dir(follow_symlinks=False))
+            folders = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        return sorted(n for n in folders if (pattern.match(n) if pattern else RUN.match(n) or TRASH.match(n)))
+
+    @contextlib.contextmanager
+    def _open(self, name: str) -> Iterator[int]:
+        folder = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        try:
+            yield folder
+        finally:
+            os.close(folder)
 
     @contextlib.contextmanager
     def budget(self) -> Iterator[int]:
@@ -214,78 +194,51 @@ class CacheRoot:
 
     def used_bytes(self) -> int:
         """Bytes of the regular files in every run and trash folder."""
-        return sum(self._bytes(name) for name in self._folders(RUN) + self._folders(TRASH))
+        return sum(self._bytes(name) for name in self._folders())
 
     def _bytes(self, name: str) -> int:
-        total = 0
-        with contextlib.suppress(OSError):
-            folder = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
-            try:
-                for entry in os.listdir(folder):
-                    with contextlib.suppress(OSError):
-                        status = os.stat(entry, dir_fd=folder, follow_symlinks=False)
-                        total += status.st_size if stat.S_ISREG(status.st_mode) else 0
-            finally:
-                os.close(folder)
-        return total
+        sizes = [0]
+        with contextlib.suppress(OSError), self._open(name) as folder:
+            for entry in os.listdir(folder):
+                with contextlib.suppress(OSError):
+                    status = os.stat(entry, dir_fd=folder, follow_symlinks=False)
+                    sizes.append(status.st_size if stat.S_ISREG(status.st_mode) else 0)
+        return sum(sizes)
 
     def create_run(self, about: Mapping[str, Any]) -> RunFolder:
         """A new run folder, in use until closed; stale folders of killed runs are removed first."""
         self.sweep()
         return RunFolder(self, f"tsfc-{secrets.token_hex(8)}", about)
 
-    def open_run(self, name: str, expect: Mapping[str, Any]) -> RunFolder:
-        """The existing run folder ``name``, if its record holds ``expect`` (another rank's, or one parked)."""
-        return RunFolder(self, name, expect, create=False)
-
-    def _removable(self, name: str) -> tuple[int, dict[str, Any] | None]:
-        """Lock a recognised run folder no process uses; its descriptor and record, or ``(-1, None)``."""
+    def remove_if_unused(self, name: str) -> bool:
+        """Remove the run folder ``name`` if its record is the cache's and no process uses it."""
+        trash, lock = name.replace("tsfc-", ".tsfc-trash-"), -1
         try:
-            folder = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
-        except OSError:
-            return -1, None
-        lock, about = -1, read_about(folder)
-        try:
-            if about is not None and os.fstat(folder).st_uid == os.getuid():
-                with contextlib.suppress(FileNotFoundError):
+            with self._open(name) as folder:
+                if read_about(folder) is None or os.fstat(folder).st_uid != os.getuid():
+                    return False
+                with contextlib.suppress(FileNotFoundError):  # absent only in a removal killed half way
                     lock = open_file(IN_USE, folder)
                 free = lock < 0 or (_lock(lock, exclusive=True) and _same(lock, IN_USE, folder))
-                if free and _same(folder, name, self.fd):  # the name still is the folder that was locked (M4)
-                    os.rename(name, name.replace("tsfc-", ".tsfc-trash-"), src_dir_fd=self.fd, dst_dir_fd=self.fd)
-                    return folder, about
+                if not (free and _same(folder, name, self.fd)):  # the name still is the folder locked
+                    return False
+                os.rename(name, trash, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+                return _empty_folder(self.fd, trash, folder)
         except OSError:
-            pass
+            return False
         finally:
             if lock >= 0:
                 os.close(lock)
-        os.close(folder)
-        return -1, None
-
-    def remove_if_unused(self, name: str) -> bool:
-        """Remove the run folder ``name`` if it is the cache's and unused; whether it was removed."""
-        folder, _ = self._removable(name)
-        if folder < 0:
-            return False
-        try:
-            return _empty_folder(self.fd, name.replace("tsfc-", ".tsfc-trash-"), folder)
-        finally:
-            os.close(folder)
 
     def sweep(self, older_than: float | None = None) -> list[str]:
-        """Remove unused run folders (created before ``older_than``, a time, if given) and trash; the names removed."""
+        """Remove trash and unused run folders (created before ``older_than``, a time, if given); names removed."""
         removed = []
         for name in self._folders(TRASH):
-            with contextlib.suppress(OSError):
-                folder = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
-                try:
-                    if (read_about(folder) is not None or not os.listdir(folder)) and _empty_folder(
-                        self.fd, name, folder
-                    ):
-                        removed.append(name)
-                finally:
-                    os.close(folder)
+            with contextlib.suppress(OSError), self._open(name) as folder:
+                if (read_about(folder) is not None or not os.listdir(folder)) and _empty_folder(self.fd, name, folder):
+                    removed.append(name)
         for usage in self.usage():
-            created = usage.about["created"] if usage.about else None
+            created = usage.about["created"] if usage.about and RUN.match(usage.name) else None
             old = created is not None and (older_than is None or created < older_than)
             if old and not usage.in_use and self.remove_if_unused(usage.name):
                 removed.append(usage.name)
@@ -294,18 +247,13 @@ class CacheRoot:
     def usage(self) -> list[FolderUsage]:
         """Every run and trash folder with its size, record (``None``: unrecognised) and whether it is in use."""
         found = []
-        for name in self._folders(RUN) + self._folders(TRASH):
+        for name in self._folders():
             about, in_use = None, False
-            with contextlib.suppress(OSError):
-                folder = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
-                try:
-                    about = read_about(folder)
-                    with contextlib.suppress(OSError):
-                        lock = open_file(IN_USE, folder)
-                        in_use = not _lock(lock, exclusive=True)
-                        os.close(lock)
-                finally:
-                    os.close(folder)
+            with contextlib.suppress(OSError), self._open(name) as folder:
+                about = read_about(folder)
+                lock = open_file(IN_USE, folder)
+                in_use = not _lock(lock, exclusive=True)
+                os.close(lock)
             found.append(FolderUsage(name, self._bytes(name), about, in_use))
         return found
 
@@ -320,17 +268,14 @@ class CacheRoot:
 class RunFolder:
     """One run's folder, in use (``in-use.lock`` held shared) until :meth:`release` or :meth:`remove`.
 
-    Created by :meth:`CacheRoot.create_run` with its record, or opened by :meth:`CacheRoot.open_run` after its
-    record was checked. ``remove`` deletes the files the cache wrote and the folder.
+    Made with its record (:meth:`CacheRoot.create_run`), or, with ``create=False``, an existing one opened if its
+    record holds ``about`` (another rank's, or one released after a fit).
 
     Example:
         >>> import tempfile
-        >>> root = CacheRoot(tempfile.mkdtemp())
-        >>> run = root.create_run({"purpose": "evaluation"})
-        >>> sorted(os.listdir(run.path)), run.about["purpose"]
-        (['about.json', 'in-use.lock'], 'evaluation')
-        >>> run.remove(); os.path.exists(run.path)
-        False
+        >>> run = CacheRoot(tempfile.mkdtemp()).create_run({"purpose": "evaluation"})
+        >>> sorted(os.listdir(run.path)), run.about["purpose"], run.remove(), os.path.exists(run.path)
+        (['about.json', 'in-use.lock'], 'evaluation', None, False)
     """
 
     def __init__(self, root: CacheRoot, name: str, about: Mapping[str, Any], create: bool = True) -> None:
@@ -338,11 +283,9 @@ class RunFolder:
             raise CacheFolderError(f"'{name}' is not a teacher-feature cache folder name.")
         self.root, self.name, self.path = root, name, root.path / name
         self.fd = self._lock = -1
-        made = False
+        if create:
+            os.mkdir(name, 0o700, dir_fd=root.fd)
         try:
-            if create:
-                os.mkdir(name, 0o700, dir_fd=root.fd)
-                made = True
             self.fd = os.open(name, _DIR_FLAGS, dir_fd=root.fd)
             if create:
                 os.fchmod(self.fd, 0o700)
@@ -358,7 +301,7 @@ class RunFolder:
                 raise CacheFolderError(f"Teacher-feature cache folder '{self.path}' is not the one expected.")
             self.about = found
         except BaseException:
-            self.remove() if made else self.release()  # L3: nothing left open, nothing half-written
+            self.remove() if create else self.release()  # nothing left open or half-written
             raise
 
     def _write_about(self, about: Mapping[str, Any]) -> None:

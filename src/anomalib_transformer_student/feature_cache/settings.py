@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-# The dtypes a cache file can store (NumPy has no bfloat16).
 NUMPY_DTYPES: dict[str, type[np.floating]] = {"float16": np.float16, "float32": np.float32}
 MODEL_KEYS = ("enabled", "dtype")
 _FROM_CHECKPOINT: ContextVar[bool] = ContextVar("feature_cache_from_checkpoint", default=False)
@@ -44,25 +43,21 @@ def loading_checkpoint() -> Iterator[None]:
         _FROM_CHECKPOINT.reset(token)
 
 
+def _budget(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value < 2**40
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     """``TransformerStudent``'s ``feature_cache`` options.
 
-    Args:
-        enabled: ``None`` caches unless the stage's images are augmented; ``True`` caches even then (each
-            image's first augmented version); ``False`` never.
-        dtype: Storage of training features, ``"float16"`` or ``"float32"`` (exact); evaluation is float32.
-        dir: Folder in which each run makes (and at its end removes) its own sub-folder; default
-            :func:`default_cache_dir`. It must be the user's, writable by nobody else and hold nothing but
-            the cache's folders; otherwise caching is off for the run with one warning.
-        memory_budget_mb: Memory for cached features per process; beyond it they go to disk. ``0``: all on disk.
-        disk_budget_mb: Disk for the whole folder, across processes; beyond it images are not cached.
+    ``enabled``: ``None`` caches unless the stage's images are augmented, ``True`` even then, ``False`` never;
+    ``dtype`` of training entries (evaluation's are float32); ``dir``, where each run makes its folder (default
+    :func:`default_cache_dir`); ``memory_budget_mb`` per process; ``disk_budget_mb`` for the whole folder.
 
     Example:
-        >>> CacheSettings.of(False).enabled
-        False
-        >>> CacheSettings.of({"dtype": "float32"}).dtype
-        'float32'
+        >>> CacheSettings.of(False).enabled, CacheSettings.of({"dtype": "float32"}).dtype
+        (False, 'float32')
         >>> with loading_checkpoint():
         ...     CacheSettings.of({"dir": "/home", "disk_budget_mb": 0}).dir is None
         True
@@ -75,16 +70,15 @@ class CacheSettings:
     disk_budget_mb: float = 20480.0
 
     def __post_init__(self) -> None:
-        if self.enabled not in (None, True, False):
-            msg = f"feature_cache.enabled must be true, false or null, got {self.enabled!r}."
-            raise ValueError(msg)
-        if self.dtype not in NUMPY_DTYPES:
-            msg = f"feature_cache.dtype must be one of {list(NUMPY_DTYPES)}, got {self.dtype!r}."
+        if self.enabled not in (None, True, False) or self.dtype not in NUMPY_DTYPES:
+            name, wanted = (
+                ("enabled", "true, false or null") if self.dtype in NUMPY_DTYPES else ("dtype", list(NUMPY_DTYPES))
+            )
+            msg = f"feature_cache.{name} must be one of {wanted}, got {getattr(self, name)!r}."
             raise ValueError(msg)
         for name in ("memory_budget_mb", "disk_budget_mb"):
-            budget = getattr(self, name)
-            if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 <= budget < 2**40:
-                msg = f"feature_cache.{name} must be a number >= 0, got {budget!r}."
+            if not _budget(getattr(self, name)):
+                msg = f"feature_cache.{name} must be a number >= 0, got {getattr(self, name)!r}."
                 raise ValueError(msg)
 
     @classmethod

@@ -1,10 +1,9 @@
 """One process's entries on disk: ``rank<N>.bin`` (fixed-size slots) and ``rank<N>.log`` (their index).
 
-The index is a header line (a flat JSON object: format, dtype, entry shape), then one line ``key slot crc32``
-per entry, appended after the entry's bytes are written, so a reader never meets a listed entry that is not
-there. Only its rank writes a file; other ranks read it (:meth:`SpillFile.refresh` takes in the new lines).
-Nothing read is trusted: the header and every line are bounded and checked field by field (a line that fails
-is skipped, a header that fails skips the file), and every entry read is checked against its CRC.
+The index is a header line (flat JSON: format, dtype, entry shape), then ``key slot crc32`` per entry, appended
+after the entry's bytes. Only its rank writes a file; the others read it. Nothing read is trusted: header and
+lines are bounded and checked field by field (a bad line is skipped, a bad header skips the file), and every
+entry read is checked against its CRC.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -44,30 +42,19 @@ def _parse_header(line: bytes, dtype: str) -> tuple[int, ...]:
     except Exception as error:  # nesting, numbers too long, bad text: all damage
         raise DamagedSpillFile(str(error)[:80]) from None
     shape = header.get("shape") if isinstance(header, dict) else None
-    if (
-        not isinstance(shape, list)
-        or header.get("format") != FORMAT_VERSION
-        or header.get("dtype") != dtype
-        or len(shape) != 3
-        or not all(type(size) is int and 0 < size <= MAX_DIM for size in shape)
-        or int(np.prod(shape)) * np.dtype(NUMPY_DTYPES[dtype]).itemsize > MAX_ENTRY_BYTES
-    ):
+    ours = isinstance(shape, list) and header.get("format") == FORMAT_VERSION and header.get("dtype") == dtype
+    if not ours or len(shape) != 3 or not all(type(size) is int and 0 < size <= MAX_DIM for size in shape):
         raise DamagedSpillFile(f"header {line[:80]!r}")
+    if int(np.prod(shape)) * np.dtype(NUMPY_DTYPES[dtype]).itemsize > MAX_ENTRY_BYTES:
+        raise DamagedSpillFile(f"entries of {shape}")
     return tuple(shape)
 
 
 class SpillFile:
     """The entries of one rank in a run folder, opened to write (its own) or to read (another rank's).
 
-    Args:
-        folder: The run folder.
-        rank: The rank whose file it is.
-        dtype: ``"float16"`` or ``"float32"``; a file of another dtype is skipped.
-        writable: Own file: created if missing, appended to.
-
-    Raises:
-        OSError: The files cannot be opened (missing, a link, not the user's).
-        DamagedSpillFile: The header is not one the cache writes.
+    ``writable``: one's own file, created if missing. Raises ``OSError`` for files that cannot be opened (missing,
+    a link, not the user's) and :class:`DamagedSpillFile` for a header the cache did not write (or another dtype).
 
     Example:
         >>> import tempfile
@@ -75,9 +62,8 @@ class SpillFile:
         >>> run = CacheRoot(tempfile.mkdtemp()).create_run({})
         >>> spill = SpillFile(run, 0, "float32", writable=True)
         >>> spill.put("k", np.ones((2, 3, 4), np.float32))
-        >>> reader = SpillFile(run, 0, "float32")
-        >>> float(reader.get("k").sum()), reader.get("other")
-        (24.0, None)
+        >>> float(SpillFile(run, 0, "float32").get("k").sum())
+        24.0
     """
 
     def __init__(self, folder: RunFolder, rank: int, dtype: str, writable: bool = False) -> None:
@@ -87,14 +73,11 @@ class SpillFile:
         self.entries: dict[str, tuple[int, int]] = {}
         self.shape: tuple[int, ...] | None = None
         self._offset = self._next_slot = 0
+        self._data = self._log = -1
         flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
-        self._data = open_file(f"rank{rank}.bin", folder.fd, flags)
         try:
+            self._data = open_file(f"rank{rank}.bin", folder.fd, flags)
             self._log = open_file(f"rank{rank}.log", folder.fd, flags)
-        except BaseException:
-            os.close(self._data)
-            raise
-        try:
             self.refresh()
             if writable:  # a torn last line of an earlier holder is overwritten by the next entry
                 os.ftruncate(self._log, self._offset)
@@ -164,15 +147,14 @@ class SpillFile:
 
     def close(self) -> None:
         """Close the files (they stay until the run folder is removed)."""
-        for descriptor in (self._data, getattr(self, "_log", -1)):
+        for descriptor in (self._data, self._log):
             if descriptor >= 0:
                 os.close(descriptor)
         self._data = self._log = -1
 
 
-def _write_at(descriptor: int, offset: int, data: Sequence[int] | memoryview) -> None:
+def _write_at(descriptor: int, offset: int, data: memoryview) -> None:
     """Write all of ``data`` at ``offset`` (plain writes: a memory map would die with SIGBUS on a full disk)."""
-    data = memoryview(data)
     while data:
         count = os.pwrite(descriptor, data, offset)
         data, offset = data[count:], offset + count

@@ -1,8 +1,7 @@
 """The teacher's tokens of one run, per image key: in memory up to a budget, then in this rank's spill file.
 
-Keys are the SHA-256 of an image file's bytes (:class:`ImageKeys`), one per tile when images are tiled
-(:func:`tile_keys`). On a miss the store also looks in the other ranks' spill files of the run folder, so in
-DDP the teacher runs once per image across the ranks.
+Keys are the SHA-256 of an image file's bytes (:class:`ImageKeys`), ``<key>/<tile>`` with tiling. On a miss the
+store also reads the other ranks' spill files of the run folder: in DDP the teacher runs once per image.
 """
 
 from __future__ import annotations
@@ -22,18 +21,13 @@ from .spill_file import DamagedSpillFile, SpillFile
 
 logger = logging.getLogger(__name__)
 
-# The teacher as the store calls it: images -> (shallow, deep) tokens, each (B, N, D).
-Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+Teacher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images -> (shallow, deep), each (B, N, D)
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def image_key(path: str | os.PathLike[str]) -> str | None:
-    """The first 32 hex digits of the SHA-256 of the file's bytes, or ``None`` if it cannot be read.
-
-    Example:
-        >>> image_key("no/such/image.png") is None
-        True
-    """
+    """The first 32 hex digits of the SHA-256 of the file's bytes, or ``None`` if it cannot be read."""
     digest = hashlib.sha256()
     try:
         with Path(path).open("rb") as file:
@@ -67,29 +61,11 @@ class ImageKeys:
         return self._known[state]
 
 
-def tile_keys(keys: Sequence[str | None], tiles_per_image: int) -> list[str | None]:
-    """One key per tile when each image is cut into ``tiles_per_image`` tiles (its tiles in a row).
-
-    Example:
-        >>> tile_keys(["a", None], 2)
-        ['a/0', 'a/1', None, None]
-    """
-    if tiles_per_image == 1:
-        return list(keys)
-    return [None if key is None else f"{key}/{tile}" for key in keys for tile in range(tiles_per_image)]
-
-
 class FeatureStore:
     """Stacked ``(2, N, D)`` teacher tokens per key, for one run folder and one rank.
 
-    Args:
-        root: The cache folder (its budget lock and size).
-        folder: The run folder.
-        rank: This process's global rank (the name of its spill file).
-        dtype: ``"float16"`` or ``"float32"``.
-        memory_budget_mb: Memory before entries go to disk.
-        disk_budget_mb: Disk for the whole cache folder, checked under its lock before each entry is written;
-            ``0``, or an entry larger than the budget: nothing goes to disk.
+    ``disk_budget_mb`` covers the whole cache folder (``root``), checked under its lock before each entry is
+    written: with ``0``, or an entry larger than what is left, nothing more goes to disk and nothing is removed.
 
     Example:
         >>> import tempfile
@@ -97,11 +73,9 @@ class FeatureStore:
         >>> store = FeatureStore(root, root.create_run({}), memory_budget_mb=0)
         >>> teacher = lambda x: (x.flatten(2).mT, x.flatten(2).mT * 2)
         >>> images = torch.randn(2, 3, 4, 4)
-        >>> _ = store.tokens(["a", "b"], images, teacher)
-        >>> shallow, deep = store.tokens(["b", "a"], images.flip(0), teacher)
-        >>> store.hits, store.misses, torch.equal(deep, teacher(images.flip(0))[1].half().float())
-        (2, 2, True)
-        >>> store.close()
+        >>> _, (_, deep) = store.tokens(["a", "b"], images, teacher), store.tokens(["b", "a"], images.flip(0), teacher)
+        >>> store.hits, store.misses, torch.equal(deep, teacher(images.flip(0))[1].half().float()), store.close()
+        (2, 2, True, None)
     """
 
     def __init__(
@@ -135,7 +109,7 @@ class FeatureStore:
                     other.refresh()
             except (OSError, DamagedSpillFile) as error:
                 logger.warning(
-                    "Teacher-feature cache: skipping rank %d's file in %s (%s).", rank, self.folder.path, error
+                    "Teacher-feature cache: skipping rank %d's file in %s (%s).", rank, self.folder.name, error
                 )
                 if isinstance(other, SpillFile):
                     other.close()
@@ -145,19 +119,16 @@ class FeatureStore:
         """The entry of ``key`` on the CPU, or ``None``."""
         if key in self.memory:
             return self.memory[key]
-        for spill in (self.spill, *self._others.values()):
-            row = None if spill is None else spill.get(key)
-            if row is not None:
-                return torch.from_numpy(row)
-        return None
+        rows = (spill.get(key) for spill in (self.spill, *self._others.values()) if spill is not None)
+        row = next((row for row in rows if row is not None), None)
+        return None if row is None else torch.from_numpy(row)
 
     def put(self, key: str, features: torch.Tensor) -> None:
         """Keep a ``(2, N, D)`` entry: in memory while the budget allows, else on disk while that allows."""
         entry = features.detach().to(device="cpu", dtype=TORCH_DTYPES[self.dtype]).contiguous()
         size = entry.numel() * entry.element_size()
-        if key in self.memory or self.memory_bytes + size <= self.memory_budget_bytes:
-            self.memory_bytes += 0 if key in self.memory else size
-            self.memory[key] = entry
+        if key not in self.memory and self.memory_bytes + size <= self.memory_budget_bytes:
+            self.memory_bytes, self.memory[key] = self.memory_bytes + size, entry
         elif self._spilling and key not in self.spill.entries:
             self._spill(key, entry, size)
 
@@ -190,7 +161,7 @@ class FeatureStore:
         """Move the entries in memory to disk (as the budgets allow) and free the memory."""
         for key, entry in self.memory.items():
             if self._spilling and key not in self.spill.entries:
-                self._spill(key, entry, entry.numel() * entry.element_size())
+                self._spill(key, entry, entry.nbytes)
         self.memory.clear()
         self.memory_bytes = 0
 
@@ -208,34 +179,20 @@ class FeatureStore:
         missing = [index for index, entry in enumerate(cached) if entry is None]
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        stored = TORCH_DTYPES[self.dtype]
-        fresh = None
-        if missing:
-            chosen = images if len(missing) == len(keys) else images[missing]
-            fresh = torch.stack(compute(chosen))
-            fresh = fresh.to(stored).to(fresh.dtype)
-        if len(missing) == len(keys):
-            features = fresh
+        if len(missing) == len(keys):  # layout (2, B, N, D): shallow and deep tokens each contiguous
+            features = torch.stack(compute(images))
+            features = features.to(TORCH_DTYPES[self.dtype]).to(features.dtype)
         else:
-            shape = next(entry for entry in cached if entry is not None).shape
+            fresh = torch.stack(compute(images[missing])) if missing else None
             dtype = torch.float32 if fresh is None else fresh.dtype
-            features = torch.empty((2, len(keys), *shape[1:]), device=images.device, dtype=dtype)
-            for index, entry in enumerate(cached):
-                if entry is not None:
-                    features[:, index].copy_(entry)
-            if fresh is not None:
-                features[:, missing] = fresh
-        for row, index in enumerate(missing):
+            rows = [entry.to(images.device, dtype) if entry is not None else None for entry in cached]
+            for row, index in enumerate(missing):
+                rows[index] = fresh[:, row].to(TORCH_DTYPES[self.dtype]).to(dtype)
+            features = torch.stack(rows, dim=1)
+        for index in missing:
             if keys[index] is not None:
-                self.put(keys[index], fresh[:, row])
+                self.put(keys[index], features[:, index])
         return features[0], features[1]
-
-    def summary(self) -> str:
-        """One line: entries in memory and on disk, hits and misses."""
-        return (
-            f"rank {self.rank}: {len(self.memory)} images in memory, {len(self.spill.entries)} on disk in "
-            f"{self.folder.path}; {self.hits} hits, {self.misses} misses"
-        )
 
     def close(self, remove: bool = True) -> None:
         """Free the memory and close the files; remove the run folder, or (``remove=False``) only release it."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from anomalib_transformer_student.feature_cache import spill_file
-from anomalib_transformer_student.feature_cache.run_folder import CacheRoot
+from anomalib_transformer_student.feature_cache.run_folder import CacheRoot, RunFolder
 from anomalib_transformer_student.feature_cache.store import FeatureStore, ImageKeys, image_key
 
 
@@ -57,7 +57,9 @@ def test_another_ranks_entries_are_found(tmp_path: Path) -> None:
     root = CacheRoot(tmp_path)
     first = FeatureStore(root, root.create_run({"purpose": "training"}), rank=0, memory_budget_mb=0)
     other_root = CacheRoot(tmp_path)
-    second = FeatureStore(other_root, other_root.open_run(first.folder.name, {}), rank=1, memory_budget_mb=0)
+    second = FeatureStore(
+        other_root, RunFolder(other_root, first.folder.name, {}, create=False), rank=1, memory_budget_mb=0
+    )
     images = torch.randn(1, 3, 4, 4)
     first.tokens(["a"], images, teacher)
     second.tokens(["a"], images, lambda _: pytest.fail("computed again"))
@@ -89,7 +91,7 @@ def test_a_budget_of_zero_or_below_an_entry_caches_nothing_and_evicts_nothing(
 
 WRITER = """
 import os, sys, time, torch
-from anomalib_transformer_student.feature_cache.run_folder import CacheRoot
+from anomalib_transformer_student.feature_cache.run_folder import CacheRoot, RunFolder
 from anomalib_transformer_student.feature_cache.store import FeatureStore
 root = CacheRoot(sys.argv[1])
 store = FeatureStore(root, root.create_run({"purpose": "training"}), memory_budget_mb=0, disk_budget_mb=1.0,
