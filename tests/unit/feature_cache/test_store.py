@@ -155,3 +155,16 @@ def test_image_keys_follow_the_content_and_hash_each_file_once(tmp_path: Path, m
     keys(image)
     assert hashed == [image, image]
     assert keys(tmp_path / "missing.png") is None
+
+
+def test_another_ranks_damaged_file_is_skipped_with_one_warning(tmp_path: Path, caplog) -> None:
+    features = store(tmp_path, memory_budget_mb=0)
+    (features.folder.path / "rank1.bin").write_bytes(b"")
+    (features.folder.path / "rank1.log").write_bytes(b"[" * 900 + b"]" * 900 + b"\n")
+    images = torch.randn(2, 3, 4, 4)
+    with caplog.at_level(logging.WARNING):
+        for key in "ab":
+            shallow, _ = features.tokens([key], images[:1], teacher)
+    assert caplog.text.count("skipping rank 1's file") == 1
+    torch.testing.assert_close(shallow, teacher(images[:1])[0].half().float())
+    features.close()
