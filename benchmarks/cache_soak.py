@@ -3,8 +3,8 @@ r"""Soak run of the teacher-feature cache: two fits at once on one folder, `cach
 1. Each category is trained once without a cache: the reference students.
 2. Two fits (two categories) start at once on one cache folder (memory budget 0: every entry goes to disk,
    float32), while a third process runs ``transformer-student cache list`` and ``cache clear`` in a loop.
-3. The second fit is killed with SIGKILL as soon as its spill file holds a few entries, then run again: it
-   adopts the killed run's file.
+3. The second fit is killed with SIGKILL as soon as its spill file holds a few entries, then run again: its
+   start removes the killed run's folder.
 4. Every finished fit's students are compared with the reference of its category.
 
     python benchmarks/cache_soak.py
@@ -41,10 +41,12 @@ def fit(root: str, category: str, workdir: str, cache_dir: str, epochs: str) -> 
         teacher="vit_small_patch14_dinov2",
         pretrained=False,
         image_size=56,
-        feature_cache=cache_dir != "-",
-        cache_dir=None if cache_dir == "-" else cache_dir,
-        cache_dtype="float32",
-        cache_memory_budget_mb=0,
+        feature_cache={
+            "enabled": cache_dir != "-",
+            "dir": None if cache_dir == "-" else cache_dir,
+            "dtype": "float32",
+            "memory_budget_mb": 0,
+        },
     )
     engine = Engine(
         max_epochs=int(epochs),
@@ -76,7 +78,7 @@ def finish(process: subprocess.Popen) -> None:
 def listed(cache: Path, keys: set[str]) -> int:
     """Most entries of ``keys`` that one spill file's index lists."""
     most = 0
-    for index in cache.glob("*/*.log"):
+    for index in cache.glob("tsfc-*/rank*.log"):
         try:
             lines = index.read_text().splitlines()[1:]
         except OSError:
@@ -105,7 +107,7 @@ def main() -> None:
         return
 
     from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
-    from anomalib_transformer_student.training.feature_cache import image_key
+    from anomalib_transformer_student.feature_cache.store import image_key
 
     work = Path(tempfile.mkdtemp(prefix="cache-soak-"))
     spec = DemoDatasetSpec(

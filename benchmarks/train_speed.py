@@ -150,7 +150,7 @@ def build_model(name: str, args: argparse.Namespace, cache_dir: Path):
         from anomalib_transformer_student import TransformerStudent
 
         return TransformerStudent(
-            teacher=args.teacher, pretrained=False, image_size=args.image_size, cache_dir=str(cache_dir)
+            teacher=args.teacher, pretrained=False, image_size=args.image_size, feature_cache={"dir": str(cache_dir)}
         )
     return build_l2bt(args.image_size, backbone=args.teacher)
 

@@ -135,14 +135,13 @@ def test_option_groups_on_the_command_line_and_in_print_config(demo_root: Path) 
     config = printed_config(
         ["fit", "--model", "TransformerStudent", *SMALL_MODEL_ARGS, *data_args(demo_root),
          "--model.tiling.tile_size", "112", "--model.anomaly_map.topk_ratio", "0.01",
-         "--model.feature_cache.dtype", "float32", "--model.feature_cache.shared", "true"]
+         "--model.feature_cache.dtype", "float32", "--model.feature_cache.memory_budget_mb", "0"]
     )  # fmt: skip
     init_args = config["model"]["init_args"]
     assert init_args["tiling"] == {"tile_size": 112, "tile_overlap": 0, "tile_batch_size": 8}
     assert init_args["anomaly_map"] == {"blur_kernel_sizes": [5, 7], "blur_repeats": [5, 3], "topk_ratio": 0.01}
     assert init_args["feature_cache"] == {
-        "enabled": None, "dir": None, "dtype": "float32", "memory_budget_mb": 4096.0, "disk_budget_mb": 20480.0,
-        "shared": True,
+        "enabled": None, "dtype": "float32", "dir": None, "memory_budget_mb": 0.0, "disk_budget_mb": 20480.0,
     }  # fmt: skip
     assert "tile_size" not in init_args and "skip_corrupt_images" not in init_args and "cache_dir" not in init_args
     # A bool still switches the caches off.

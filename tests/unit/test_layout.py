@@ -15,8 +15,9 @@ PACKAGE = anomalib_transformer_student.__name__
 ROOT = Path(anomalib_transformer_student.__file__).parent
 # Which subpackages each may import (besides itself); the top level imports the model lazily.
 ALLOWED = {
-    "apps": {"model", "training", "metrics"},
-    "model": {"training", "deploy"},
+    "apps": {"model", "training", "metrics", "feature_cache"},
+    "model": {"training", "deploy", "feature_cache"},
+    "feature_cache": {"training"},
     "training": set(),
     "deploy": set(),
     "metrics": set(),

@@ -1,32 +1,34 @@
 """``transformer-student cache``: see and clear the teacher-feature cache folder.
 
-``cache list`` shows each fingerprint folder (one teacher, weights, image size, layers, dtype and
-pre-processing) with its size, what it holds and when it was last used, least recently used first,
-and whether a running process has it open. ``cache clear`` removes the folders no process uses, all
-of them or those unused for ``--older-than`` days. Both are safe while trainings use the folder: a
-folder in use is skipped, and one being opened while it is removed is opened afresh by its process.
+Each run works in its own folder inside the cache folder and removes it when it ends; a folder left behind
+is one of a killed run (the next run removes it too). ``cache list`` shows every folder with its size, purpose,
+creation time and whether a running process uses it; ``cache clear`` removes the unused ones (all, or those
+created more than ``--older-than`` days ago). Neither creates anything or changes a permission, and both refuse
+(one line, exit 2) a folder that holds anything but the cache's own.
 
 Example:
     From a shell::
 
         transformer-student cache list
-        transformer-student cache clear --older-than 30
+        transformer-student cache clear --older-than 1
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import time
 from pathlib import Path
 
-from ..training.cache_folder import CacheRoot, FingerprintUsage, default_cache_dir
+from ..feature_cache.run_folder import CacheRoot, FolderUsage
+from ..feature_cache.settings import default_cache_dir
 
 ACTIONS = ("list", "clear")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the cache command."""
-    parser.add_argument("action", choices=ACTIONS, help="list: sizes and last use; clear: remove unused features.")
+    parser.add_argument("action", choices=ACTIONS, help="list: sizes and use; clear: remove unused folders.")
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -38,32 +40,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="DAYS",
-        help="clear: remove only features unused for this many days (default: all unused).",
-    )
-    parser.add_argument(
-        "--shared",
-        action="store_true",
-        help="The folder is shared by a group of users or nodes (the model's feature_cache.shared).",
+        help="clear: remove only folders created this many days ago or earlier (default: all unused).",
     )
 
 
-def describe(usage: FingerprintUsage) -> str:
-    """One line of ``cache list``: name, size, last use, in use, and what the features are.
+def describe(usage: FolderUsage) -> str:
+    """One line of ``cache list``: name, size, creation time, in use, purpose.
 
     Example:
-        >>> usage = FingerprintUsage("0123456789abcdef", 3 * 2**20, 0.0, {"teacher": "vit", "image_size": 224})
-        >>> describe(usage).split()[:3]
-        ['0123456789abcdef', '3.0', '1970-01-01']
+        >>> describe(FolderUsage("tsfc-0123456789abcdef", 3 * 2**20, {"created": 0, "purpose": "training"}, False))
+        'tsfc-0123456789abcdef        3.0 1970-01-01 00:00 UTC  unused   training'
     """
-    about = usage.about
-    what = ", ".join(
-        f"{key} {about[key]}" for key in ("purpose", "teacher", "image_size", "layers", "dtype") if key in about
-    )
-    if "tiling" in about:
-        what += ", tiled"
-    when = datetime.datetime.fromtimestamp(usage.last_used, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    state = {True: "in use", False: "unused", None: "?"}[usage.in_use]
-    return f"{usage.name} {usage.megabytes:10.1f} {when} UTC  {state:7}  {what or 'unknown features'}"
+    about = usage.about or {}
+    created = about.get("created")
+    when = "?" if created is None else datetime.datetime.fromtimestamp(created, tz=datetime.timezone.utc)
+    when = when if isinstance(when, str) else when.strftime("%Y-%m-%d %H:%M UTC")
+    state = "in use" if usage.in_use else "unused"
+    what = about.get("purpose", "unrecognised (no record): left alone") if usage.about else "unrecognised: left alone"
+    return f"{usage.name:22} {usage.bytes / 2**20:9.1f} {when:20}  {state:7}  {what}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,24 +66,24 @@ def run(args: argparse.Namespace) -> int:
         msg = "--older-than takes a number of days >= 0 and applies to `cache clear` only."
         raise ValueError(msg)
     directory = Path(args.cache_dir or default_cache_dir()).expanduser()
-    if not directory.is_dir():
+    if not directory.exists() and not directory.is_symlink():
         print(f"No teacher-feature cache at {directory}.")
         return 0
-    root = CacheRoot(directory, shared=args.shared)
+    root = CacheRoot(directory, create=False)
     try:
         if args.action == "list":
-            usages = root.usage(check_in_use=True)
+            usages = root.usage()
             total = sum(usage.bytes for usage in usages) / 2**20
             print(f"Teacher-feature cache {directory}: {total:.1f} MB in {len(usages)} folders")
-            print(f"{'folder':16} {'MB':>10} {'last used':20}  {'state':7}  features")
             for usage in usages:
                 print(describe(usage))
         else:
-            removed = root.clear(args.older_than)
+            limit = None if args.older_than is None else time.time() - args.older_than * 86400
+            removed = root.sweep(limit)
             kept = root.usage()
             print(
                 f"Removed {len(removed)} folders from {directory}; {len(kept)} kept "
-                f"({sum(u.bytes for u in kept) / 2**20:.1f} MB: in use, or used more recently)."
+                f"({sum(u.bytes for u in kept) / 2**20:.1f} MB: in use, newer, or not the cache's)."
             )
     finally:
         root.close()

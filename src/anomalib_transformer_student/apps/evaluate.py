@@ -154,7 +154,8 @@ def evaluate_checkpoint(
     else:
         evaluator = SizeEvaluator(curve=curve)
         datamodule = MVTecAD(**loaders)
-    model = load_model(checkpoint, evaluator=evaluator)
+    # A single test reads each image once: no feature cache, so nothing is written outside ``output``.
+    model = load_model(checkpoint, evaluator=evaluator, feature_cache=False)
     engine = Engine(logger=False, default_root_dir=output)
     (results,) = engine.test(model, datamodule=datamodule)
     names = SCALAR_METRICS + (MVTECAD2_METRICS if dataset == "mvtecad2" else ())

@@ -25,9 +25,10 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback
 
 from ..deploy.export import TransformerStudentExportMixin
+from ..feature_cache.callback import FeatureCacheCallback
+from ..feature_cache.settings import CacheSettings, loading_checkpoint
 from ..training.chunked_step import step_in_chunks
 from ..training.data_checks import DataChecks
-from ..training.feature_caching import FeatureCacheSettings, FeatureCaching
 from ..training.finite_features import check_finite_features
 from ..training.rng_state import RandomGeneratorState
 from ..training.schedule import PaperSchedule
@@ -87,8 +88,9 @@ class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, 
             options: ``blur_kernel_sizes``, ``blur_repeats``, ``topk_ratio``); the paper's by default.
         tiling: Inspect large images tile by tile (:class:`TilingSettings`, or a dict of its options:
             ``tile_size``, ``tile_overlap``, ``tile_batch_size``); by default each image goes whole.
-        feature_cache: The teacher-feature caches (:class:`FeatureCacheSettings`, a dict of its options, or a
-            bool for ``enabled``): by default each image's teacher features are computed once per fit.
+        feature_cache: The teacher-feature caches (:class:`CacheSettings`, a dict of its options, or a
+            bool for ``enabled``): by default each image's teacher features are computed once per fit. A
+            checkpoint keeps only ``enabled`` and ``dtype``; folder and budgets are the loading machine's.
         full_resolution_maps: Return each map at its image's original size (padding cropped away), as the
             paper evaluates; applies to the default pre-processor.
         pre_processor: Pre-processor, or ``True`` for square edge-pad, bicubic resize to
@@ -124,7 +126,7 @@ class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, 
         max_epochs: int | None = None,
         anomaly_map: AnomalyMapSettings = PAPER_MAP,
         tiling: TilingSettings = NO_TILING,
-        feature_cache: FeatureCacheSettings | bool | None = DEFAULT_CACHE,
+        feature_cache: CacheSettings | bool | None = DEFAULT_CACHE,
         full_resolution_maps: bool = True,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -165,7 +167,19 @@ class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, 
             )
         if geometry is not None:  # tiles step chunk by chunk (see training_step)
             self.automatic_optimization = False
-        self.feature_caching = FeatureCaching(options.feature_cache, memo=self.teacher_digest_memo)
+        self.feature_caching = FeatureCacheCallback(options.feature_cache, memo=self.teacher_digest_memo)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> TransformerStudent:
+        """Lightning's loader; of a checkpoint's ``feature_cache`` only ``enabled`` and ``dtype`` are taken.
+
+        A checkpoint describes the model, not the machine: the cache folder and budgets are this machine's
+        defaults, or what ``feature_cache=`` says.
+        """
+        if "feature_cache" in kwargs:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        with loading_checkpoint():
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @property
     def learning_type(self) -> LearningType:
@@ -245,7 +259,7 @@ class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, 
     ) -> torch.Tensor:
         """The students' loss on ``images``: the batch's entries (tiles) ``part``, or all of them."""
         teacher = self.model.teacher_features
-        shallow, deep = self.feature_caching.training.tokens(images, paths, teacher, tiles, part)
+        shallow, deep = self.feature_caching.tokens("training", images, paths, teacher, tiles, part)
         if batch_idx == 0:  # NaN from a broken teacher must not train 50 epochs: checked once per epoch
             check_finite_features(
                 shallow,
@@ -286,13 +300,17 @@ class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, 
         name the images); ``forward``, the export path, never uses it.
         """
         model_input, placement = evaluation_input(self.pre_processor, images, pre_processed=True)
-        features, teacher = self.feature_caching.evaluation, self.model.teacher_features
+        teacher = self.model.teacher_features
         layout = placement.get("layout")
         if layout is not None:  # tiles chunk by chunk: only one chunk's tokens alive, only the scores kept
             return self.model.predict_in_chunks(
-                model_input, layout, lambda part, chunk: features.tokens(chunk, paths, teacher, layout.count, part)
+                model_input,
+                layout,
+                lambda part, chunk: self.feature_caching.tokens(
+                    "evaluation", chunk, paths, teacher, layout.count, part
+                ),
             )
-        shallow, deep = features.tokens(model_input, paths, teacher)
+        shallow, deep = self.feature_caching.tokens("evaluation", model_input, paths, teacher)
         return self.model.predict(shallow, deep, tuple(model_input.shape[-2:]), **placement)
 
     def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:

@@ -46,7 +46,7 @@ def fitted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         layers=LAYERS,
         image_size=IMAGE_SIZE,
         lr=1e-3,
-        cache_dir=str(root / "cache"),
+        feature_cache={"dir": str(root / "cache")},
     )
     datamodule = make_datamodule(demo_root)
     trainer = make_engine(root / "results", max_epochs=2)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.feature_cache.settings import CacheSettings
 from anomalib_transformer_student.model.anomaly_map import AnomalyMapSettings
 from anomalib_transformer_student.model.tiling import TilingSettings
-from anomalib_transformer_student.training.feature_caching import FeatureCacheSettings
 from anomalib_transformer_student.training.settings import positive_int
 
 SMALL = {"teacher": "vit_small_patch14_dinov2", "pretrained": False, "image_size": 56, "layers": (1, 3)}
@@ -116,44 +116,36 @@ def test_teacher_batch_size_is_checked_wherever_it_is_set(value: object) -> None
 
 
 def _cache(model: TransformerStudent) -> tuple:
-    training, evaluation = model.feature_caching.training, model.feature_caching.evaluation
-    return (
-        training.enabled,
-        str(training.cache_dir),
-        training.dtype,
-        training.memory_budget_mb,
-        training.disk_budget_mb,
-        training.shared,
-        evaluation.dtype,
-        evaluation.shared,
-    )
+    settings = model.feature_caching.settings
+    evaluation = model.feature_caching._caches["evaluation"]
+    return (settings.enabled, str(settings.directory), settings.dtype, settings.memory_budget_mb,
+            settings.disk_budget_mb, evaluation.dtype)  # fmt: skip
 
 
 def test_the_cache_options_are_one_group(tmp_path: Path) -> None:
-    settings = {"dir": str(tmp_path), "dtype": "float32", "memory_budget_mb": 0, "disk_budget_mb": 64, "shared": True}
-    as_dataclass = TransformerStudent(**SMALL, feature_cache=FeatureCacheSettings(**settings))
+    settings = {"dir": str(tmp_path), "dtype": "float32", "memory_budget_mb": 0, "disk_budget_mb": 64}
+    as_dataclass = TransformerStudent(**SMALL, feature_cache=CacheSettings(**settings))
     as_dict = TransformerStudent(**SMALL, feature_cache=settings)
-    as_flat_names = TransformerStudent(
-        **SMALL, cache_dir=str(tmp_path), cache_dtype="float32", cache_memory_budget_mb=0, cache_disk_budget_mb=64,
-        cache_shared=True,
-    )  # fmt: skip
-    expected = (None, str(tmp_path), "float32", 0, 64, True, "float32", True)
-    assert _cache(as_dataclass) == _cache(as_dict) == _cache(as_flat_names) == expected
-    assert as_flat_names.hparams["feature_cache"] == {"enabled": None, **settings}
-    assert "cache_dir" not in as_flat_names.hparams
+    expected = (None, str(tmp_path), "float32", 0, 64, "float32")
+    assert _cache(as_dataclass) == _cache(as_dict) == expected
+    assert as_dict.hparams["feature_cache"] == {"enabled": None, "dtype": "float32"}  # the model, not the machine
     assert _cache(TransformerStudent(**SMALL, feature_cache=False))[0] is False
+    with pytest.raises(TypeError, match="cache_dir"):
+        TransformerStudent(**SMALL, cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"feature_cache has no option \['size'\]"):
         TransformerStudent(**SMALL, feature_cache={"size": 1})
     with pytest.raises(ValueError, match=r"feature_cache\.dtype must be one of"):
         TransformerStudent(**SMALL, feature_cache={"dtype": "bfloat16"})
 
 
-def test_a_checkpoint_with_the_old_flat_cache_names_keeps_them(tmp_path: Path) -> None:
-    model = TransformerStudent(**SMALL, feature_cache={"enabled": False, "dir": str(tmp_path), "dtype": "float32"})
+def test_a_checkpoint_with_the_old_flat_cache_names_loads_with_this_machines_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    model = TransformerStudent(**SMALL, feature_cache=False)
     flat = {key: value for key, value in model.hparams.items() if key != "feature_cache"}
-    flat.update(feature_cache=False, cache_dir=str(tmp_path), cache_dtype="float32", cache_memory_budget_mb=4096.0)
+    flat.update(feature_cache=False, cache_dir=str(tmp_path), cache_dtype="float32", cache_memory_budget_mb=0.0)
     path = _save(model, tmp_path / "flat.ckpt", hyper_parameters=flat)
     loaded = TransformerStudent.load_from_checkpoint(path, weights_only=True)
-    assert (
-        _cache(loaded) == _cache(model) == (False, str(tmp_path), "float32", 4096.0, 20480.0, False, "float32", False)
-    )
+    default = str(tmp_path / "xdg" / "anomalib_transformer_student" / "teacher_features")
+    assert _cache(loaded) == (False, default, "float16", 4096.0, 20480.0, "float32")

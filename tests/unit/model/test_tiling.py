@@ -15,10 +15,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from anomalib_transformer_student import TransformerStudent
+from anomalib_transformer_student.feature_cache.callback import FeatureCacheCallback, feature_fingerprint
+from anomalib_transformer_student.feature_cache.run_folder import CacheRoot
+from anomalib_transformer_student.feature_cache.store import FeatureStore
 from anomalib_transformer_student.model.tiling import Tiling, stitch
 from anomalib_transformer_student.training.data_checks import DataChecks
-from anomalib_transformer_student.training.feature_cache import TeacherFeatureCache, feature_fingerprint
-from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
 
 from ...factories import TeacherCalls, make_trainer, small_model
 
@@ -226,8 +227,10 @@ def test_feature_caches_serve_a_chunk_of_a_batchs_tiles_under_the_tiles_keys(tmp
     for name in ("a", "b"):
         (tmp_path / name).write_bytes(name.encode())
         paths.append(str(tmp_path / name))
-    cache = CachedTeacherFeatures(purpose, enabled=True)
-    cache.cache, cache.active = TeacherFeatureCache(tmp_path / "cache", feature_fingerprint({"t": 1})), True
+    callback = FeatureCacheCallback()
+    root = CacheRoot(tmp_path / "cache")
+    slot = callback._caches[purpose]
+    slot.store, slot.active = FeatureStore(root, root.create_run({}), dtype=slot.dtype), True
     tiles = torch.rand(2 * 3, 3, 4, 4, generator=torch.Generator().manual_seed(6))  # 2 images, 3 tiles each
     seen = []
 
@@ -235,17 +238,18 @@ def test_feature_caches_serve_a_chunk_of_a_batchs_tiles_under_the_tiles_keys(tmp
         seen.append(len(images))
         return images.flatten(2).mT, -images.flatten(2).mT
 
-    chunked = [cache.tokens(tiles[4:], paths, teacher, 3, tiles=range(4, 6))]  # fills the second image's tiles 1, 2
-    whole = cache.tokens(tiles, paths, teacher, 3)
+    chunked = [callback.tokens(purpose, tiles[4:], paths, teacher, 3, tiles=range(4, 6))]  # second image's tiles 1, 2
+    whole = callback.tokens(purpose, tiles, paths, teacher, 3)
     assert seen == [2, 4]  # only the four other tiles were computed
     chunked = [
-        cache.tokens(tiles[part.start : part.stop], paths, teacher, 3, tiles=part)
+        callback.tokens(purpose, tiles[part.start : part.stop], paths, teacher, 3, tiles=part)
         for part in (range(0, 4), range(4, 6))
     ]
     assert seen == [2, 4]  # all from the cache
     for index in (0, 1):
         torch.testing.assert_close(torch.cat([part[index] for part in chunked]), whole[index], atol=1e-3, rtol=0)
     torch.testing.assert_close(whole[0], teacher(tiles)[0], atol=1e-3, rtol=0)
+    slot.store.close()
 
 
 def test_uniform_image_gives_a_map_without_seams_at_tile_borders() -> None:
@@ -275,8 +279,8 @@ def test_tiling_options_from_the_constructor() -> None:
     model = _model(tile_size=112, tile_overlap=14)
     assert (model.tiling.tile_size, model.tiling.overlap) == (112, 14)
     assert model.hparams["tiling"]["tile_size"] == 112  # checkpoints rebuild the tiled model
-    assert model.feature_caching.feature_identity(model)["tiling"] == {"tile_size": 112, "tile_overlap": 14}
-    assert _model().tiling is None and "tiling" not in _model().feature_caching.feature_identity(_model())
+    fingerprints = {feature_fingerprint(m, "weights", "training", "float16", None) for m in (model, _model())}
+    assert _model().tiling is None and len(fingerprints) == 2  # the tiling is part of the features' fingerprint
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Processes sharing one teacher-feature cache folder: two trainings at once, and a writer killed by SIGKILL.
+"""Processes sharing one cache folder: two trainings at once, and a writer killed by SIGKILL at any moment.
 
 Run as a script, this file is one of the two trainings (see :func:`main`).
 """
@@ -21,7 +21,7 @@ from lightning.pytorch import Callback, seed_everything
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
-from anomalib_transformer_student.training.feature_cache import TeacherFeatureCache, feature_fingerprint, image_key
+from anomalib_transformer_student.feature_cache.run_folder import CacheRoot
 
 CATEGORIES = ("brick", "grass")
 EPOCHS = 3
@@ -106,51 +106,39 @@ def test_two_trainings_at_once_share_the_cache_folder_safely(tmp_path: Path) -> 
         reference = fit(root, category, tmp_path / f"{category}-uncached", cache_dir=None)
         torch.testing.assert_close(weights, reference, atol=1e-5, rtol=0, msg=lambda text, c=category: f"{c}: {text}")
 
-    # Each process wrote its own spill file, holding its own category's images.
-    from ...helpers import listed_keys  # here, not at the top: this file also runs as a training's script
-
-    (folder,) = cache.iterdir()
-    indexes = {path.stem: listed_keys(path) for path in folder.glob("*.log")}
-    assert set(indexes) == {"rank0", "rank0-1"}
-    expected = [{image_key(path) for path in (root / name / "train" / "good").iterdir()} for name in CATEGORIES]
-    assert sorted(indexes.values(), key=sorted) == sorted(expected, key=sorted)
+    # Each removed its own run folder at its end.
+    assert [path.name for path in cache.iterdir()] == [".tsfc-budget.lock"]
 
 
-HOLD_LOCK = """
-import fcntl, os, sys, time
-descriptor = os.open(sys.argv[1], os.O_RDWR)
-fcntl.flock(descriptor, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(600)
+WRITER = """
+import sys, torch
+from anomalib_transformer_student.feature_cache.run_folder import CacheRoot
+from anomalib_transformer_student.feature_cache.store import FeatureStore
+root = CacheRoot(sys.argv[1])
+store = FeatureStore(root, root.create_run({"purpose": "training"}), memory_budget_mb=0)
+print("open", flush=True)
+index = 0
+while True:
+    store.put(f"k{index}", torch.randn(2, 64, 96))
+    index += 1
 """
 
 
-def test_a_writer_killed_by_sigkill_leaves_its_file_to_the_next_run(tmp_path: Path) -> None:
-    pytest.importorskip("fcntl")
-    fingerprint = feature_fingerprint({"teacher": "fake"})
-    entry = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
-    first = TeacherFeatureCache(tmp_path, fingerprint, memory_budget_mb=0)
-    first.put("a", entry)
-    first.close()
-
-    # A training that holds rank0 (as a running one does) ...
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(first.folder / "rank0.lock")], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        meanwhile = TeacherFeatureCache(tmp_path, fingerprint, memory_budget_mb=0)
-        assert meanwhile.spill.data_path.name == "rank0-1.bin"
-        torch.testing.assert_close(meanwhile.get("a"), entry.half())  # read from rank0, never written
-        meanwhile.close()
-    finally:
-        # ... is killed: the kernel drops its lock, and the next run adopts rank0.
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    after = TeacherFeatureCache(tmp_path, fingerprint, memory_budget_mb=0)
-    assert after.spill.data_path.name == "rank0.bin"
-    torch.testing.assert_close(after.get("a"), entry.half())
-    after.close()
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
+def test_a_writer_killed_by_sigkill_leaves_a_folder_the_next_run_removes(tmp_path: Path, delay: float) -> None:
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=environment, stdout=subprocess.PIPE)
+    assert writer.stdout.readline().strip() == b"open"
+    time.sleep(delay)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    (killed,) = tmp_path.glob("tsfc-*")
+    root = CacheRoot(tmp_path)
+    run = root.create_run({"purpose": "training"})
+    assert [path.name for path in tmp_path.glob("tsfc-*")] == [run.name]
+    assert not killed.exists()
+    run.remove()
+    root.close()
 
 
 if __name__ == "__main__":

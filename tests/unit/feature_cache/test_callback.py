@@ -1,4 +1,4 @@
-"""Evaluation-feature cache: exact reuse, recomputation of changed images and teachers, when it is off."""
+"""The callback's evaluation store: exact reuse, recomputation of changed images and teachers, when it is on."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ import torch
 from PIL import Image
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.training import teacher_features as features_module
-from anomalib_transformer_student.training.teacher_features import CachedTeacherFeatures
+from anomalib_transformer_student.feature_cache import callback as callback_module
+from anomalib_transformer_student.feature_cache.run_folder import CacheRoot
 
 from ...factories import TeacherCalls, small_model
 
 
 def trainer(**datamodule_attributes: object) -> SimpleNamespace:
-    """What ``CachedTeacherFeatures.open`` reads of a trainer."""
+    """What ``FeatureCacheCallback.open_stage`` reads of a trainer."""
     datamodule = SimpleNamespace(**datamodule_attributes) if datamodule_attributes else None
+    strategy = SimpleNamespace(broadcast=lambda obj, src=0: obj)
     return SimpleNamespace(
-        datamodule=datamodule, val_dataloaders=None, test_dataloaders=None, global_rank=0, world_size=1
-    )
+        datamodule=datamodule, val_dataloaders=None, test_dataloaders=None, global_rank=0, world_size=1,
+        strategy=strategy,
+    )  # fmt: skip
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (70, 50)) -> torch.Tensor:
@@ -37,8 +39,12 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (70, 50)) -> torc
 def model(tmp_path: Path) -> tuple[TransformerStudent, TeacherCalls]:
     """A small eval-mode model whose teacher counts the images it sees."""
     torch.manual_seed(0)
-    student = small_model(layers=(0, 1), cache_dir=str(tmp_path / "cache")).eval()
+    student = small_model(layers=(0, 1), feature_cache={"dir": str(tmp_path / "cache")}).eval()
     return student, TeacherCalls(student)
+
+
+def evaluation(model: TransformerStudent):
+    return model.feature_caching._caches["evaluation"]
 
 
 def open_for(model: TransformerStudent, stage: str = "validate", **datamodule_attributes: object) -> None:
@@ -68,14 +74,14 @@ def test_cached_maps_and_scores_equal_fresh_ones(model, tmp_path: Path) -> None:
     assert seen.images == 3
     third = student._predict(images, paths)
     assert seen.images == 3
-    assert student.feature_caching.evaluation.cache.hits == 5
+    assert evaluation(student).store.hits == 5
     assert_same(first, fresh, [0, 1])
     assert_same(second, fresh, order)
     assert_same(third, fresh)
     # The next stage (the test after the fit) keeps the cache: same fingerprint.
-    cache = student.feature_caching.evaluation.cache
+    store = evaluation(student).store
     open_for(student, "test")
-    assert student.feature_caching.evaluation.cache is cache
+    assert evaluation(student).store is store
     student._predict(images, paths)
     assert seen.images == 3
     # forward, the export path, never uses the cache.
@@ -96,11 +102,11 @@ def test_changed_image_and_changed_teacher_are_recomputed(model, tmp_path: Path)
     assert seen.images == 1
     assert_same(cached, student._predict(changed))
     # A teacher changed in place (a checkpoint loaded into it) gets another fingerprint.
-    fingerprint = student.feature_caching.evaluation.fingerprint
+    fingerprint = evaluation(student).fingerprint
     with torch.no_grad():
         next(student.model.teacher.parameters()).add_(1.0)
     open_for(student, "test")
-    assert student.feature_caching.evaluation.fingerprint != fingerprint
+    assert evaluation(student).fingerprint != fingerprint
     seen.reset()
     student._predict(changed, [str(path)])
     assert seen.images == 1
@@ -117,11 +123,11 @@ def test_changed_image_and_changed_teacher_are_recomputed(model, tmp_path: Path)
     ],
 )
 def test_when_the_cache_is_on(tmp_path: Path, enabled, stage, augmentations, cached) -> None:
-    features = CachedTeacherFeatures("evaluation", enabled, cache_dir=tmp_path)
-    features.open(trainer(val_augmentations=augmentations, test_augmentations=augmentations), stage, "digest", {})
-    assert features.active is cached
-    features.close()
-    assert features.cache is None
+    student = small_model(layers=(0, 1), feature_cache={"dir": str(tmp_path), "enabled": enabled})
+    open_for(student, stage, val_augmentations=augmentations, test_augmentations=augmentations)
+    assert evaluation(student).active is cached
+    student.feature_caching.teardown(None, student, "test")
+    assert evaluation(student).store is None and list(tmp_path.glob("tsfc-*")) == []
 
 
 @torch.no_grad()
@@ -134,8 +140,8 @@ def test_a_model_with_an_open_cache_pickles_without_it(model, tmp_path: Path) ->
     student._predict(image, [str(path)])
     torch.save({"model": student}, tmp_path / "model.pt")
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
-    assert loaded.feature_caching.evaluation.cache is None
-    assert student.feature_caching.evaluation.cache is not None
+    assert evaluation(loaded).store is None
+    assert evaluation(student).store is not None
     assert_same(loaded._predict(image, [str(path)]), student._predict(image))
 
 
@@ -143,10 +149,44 @@ def test_a_model_with_an_open_cache_pickles_without_it(model, tmp_path: Path) ->
 def test_the_augmentation_note_comes_once_not_at_every_validation(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, enabled, level: int
 ) -> None:
-    features = CachedTeacherFeatures("evaluation", enabled, cache_dir=tmp_path)
-    caplog.set_level(logging.INFO, logger=features_module.__name__)
+    student = small_model(layers=(0, 1), feature_cache={"dir": str(tmp_path), "enabled": enabled})
+    caplog.set_level(logging.INFO, logger=callback_module.__name__)
     for _ in range(3):  # three validations of one fit
-        features.open(trainer(val_augmentations="flip"), "validate", "digest", {})
+        open_for(student, val_augmentations="flip")
     notes = [record.levelno for record in caplog.records if "(flip)" in record.getMessage()]
     assert notes == [level]
-    features.close()
+
+
+@torch.no_grad()
+def test_after_a_fit_the_evaluation_store_frees_memory_and_lock_and_the_test_reopens_it(model, tmp_path) -> None:
+    """L8: between fit and test, no memory and no lock held; the test still finds the validation's features."""
+    student, seen = model
+    paths = [str(tmp_path / f"{index}.png") for index in range(2)]
+    images = torch.stack([write_image(Path(path), index) for index, path in enumerate(paths)])
+    open_for(student)
+    student._predict(images, paths)
+    student.feature_caching.teardown(None, student, "fit")
+    assert evaluation(student).store is None
+    (usage,) = CacheRoot(tmp_path / "cache", create=False).usage()
+    assert not usage.in_use and usage.bytes > 0
+    seen.reset()
+    open_for(student, "test")
+    student._predict(images, paths)
+    assert seen.images == 0
+    student.feature_caching.teardown(None, student, "test")
+    assert list((tmp_path / "cache").glob("tsfc-*")) == []
+
+
+@torch.no_grad()
+def test_a_parked_folder_that_vanished_is_recomputed(model, tmp_path) -> None:
+    student, seen = model
+    path = tmp_path / "image.png"
+    image = write_image(path, 0)[None]
+    open_for(student)
+    student._predict(image, [str(path)])
+    student.feature_caching.teardown(None, student, "validate")
+    assert CacheRoot(tmp_path / "cache", create=False).sweep()  # another run's start removes it: unused
+    seen.reset()
+    open_for(student, "test")
+    student._predict(image, [str(path)])
+    assert seen.images == 1

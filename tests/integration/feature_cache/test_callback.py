@@ -1,24 +1,19 @@
-"""Training through anomalib's Engine with the teacher-feature cache on, off, misconfigured, and on a full disk."""
+"""The callback in anomalib's Engine: cache on, off, on unusable folders, on a full disk; evaluation features once."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
-import re
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
-from PIL import Image
 from torchvision.transforms.v2 import RandomHorizontalFlip
 
 from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generate_demo_dataset
-from anomalib_transformer_student.training import spill_file
-from anomalib_transformer_student.training.cache_folder import CacheRoot
+from anomalib_transformer_student.feature_cache import spill_file
 
 from ...factories import TeacherCalls, make_datamodule, make_engine, small_model
 
@@ -72,46 +67,12 @@ def test_cached_training_follows_the_uncached_loss_curve(dataset: Path, tmp_path
     assert len(reference) == 3 * N_TRAIN // 4
     assert reference_images == 3 * N_TRAIN
     for dtype, tolerance in (("float32", 1e-5), ("float16", 1e-3)):
-        losses, images = train(dataset, tmp_path, cache_dir=str(tmp_path / dtype), cache_dtype=dtype)
+        losses, images = train(dataset, tmp_path, feature_cache={"dir": str(tmp_path / dtype), "dtype": dtype})
         # The teacher ran in the first epoch only.
         assert images == N_TRAIN, dtype
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=tolerance, rtol=0)
     # The students did learn, so that agreeing curves are not two flat lines.
     assert reference[-1] < reference[0]
-
-
-def test_spilled_features_are_reused_by_the_next_run(
-    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    arguments = {"cache_dir": str(tmp_path / "cache"), "cache_memory_budget_mb": 0}
-    first, first_images = train(dataset, tmp_path, epochs=2, **arguments)
-    with caplog.at_level(logging.INFO, logger="anomalib_transformer_student"):
-        second, second_images = train(dataset, tmp_path, epochs=2, **arguments)
-    assert (first_images, second_images) == (N_TRAIN, 0)
-    torch.testing.assert_close(torch.tensor(second), torch.tensor(first), atol=1e-3, rtol=0)
-    # The closing summary says how much disk the cache takes.
-    (folder,) = (tmp_path / "cache").iterdir()
-    assert f"{N_TRAIN} images cached (0 in memory, {N_TRAIN} on disk)" in caplog.text
-    assert re.search(rf"\d+\.\d MB on disk in {re.escape(str(folder))} \(budget 20480 MB for ", caplog.text)
-
-
-def test_a_rewritten_training_image_is_recomputed(dataset: Path, tmp_path: Path) -> None:
-    root = shutil.copytree(dataset, tmp_path / "data")
-    image = root / "brick" / "train" / "good" / "000.png"
-    pixels = np.asarray(Image.open(image))
-    # Uncompressed: another picture of the same shape gives a file of the same size in bytes.
-    Image.fromarray(pixels).save(image, compress_level=0)
-    arguments = {"cache_dir": str(tmp_path / "cache"), "cache_memory_budget_mb": 0}
-    _, first_images = train(root, tmp_path, epochs=1, **arguments)
-
-    before = image.stat()
-    Image.fromarray(np.ascontiguousarray(pixels[::-1])).save(image, compress_level=0)
-    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = image.stat()
-    # Path, size and modification time are those of the old image: only the content tells them apart.
-    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
-    _, second_images = train(root, tmp_path, epochs=2, **arguments)
-    assert (first_images, second_images) == (N_TRAIN, 1)
 
 
 def test_a_full_disk_leaves_training_running(
@@ -121,22 +82,20 @@ def test_a_full_disk_leaves_training_running(
     caplog: pytest.LogCaptureFixture,
     uncached_two_epochs: list[float],
 ) -> None:
-    reference = uncached_two_epochs
+    reference, cache = uncached_two_epochs, tmp_path / "cache"
 
     def full_disk(*_arguments) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(spill_file, "_write_at", full_disk)
     with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
-        losses, images = train(dataset, tmp_path, epochs=2, cache_dir=str(tmp_path / "cache"), cache_memory_budget_mb=0)
+        losses, images = train(dataset, tmp_path, epochs=2, feature_cache={"dir": str(cache), "memory_budget_mb": 0})
     assert images == 2 * N_TRAIN  # nothing cached: the teacher ran every epoch
     # float16 storage rounds the teacher's features whether or not they are cached.
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=1e-3, rtol=0)
     (warning,) = [record for record in caplog.records if "Teacher-feature cache" in record.getMessage()]
     assert "is full" in warning.getMessage()
-    (folder,) = (tmp_path / "cache").iterdir()
-    assert (folder / "rank0.log").stat().st_size == 0
-    assert (folder / "rank0.bin").stat().st_size == 0
+    assert [path.name for path in cache.iterdir()] == [".tsfc-budget.lock"]  # the run's folder went with it
 
 
 def test_augmented_training_turns_the_cache_off(
@@ -144,30 +103,59 @@ def test_augmented_training_turns_the_cache_off(
 ) -> None:
     flip = RandomHorizontalFlip(p=0.5)
     with caplog.at_level(logging.INFO, logger="anomalib_transformer_student"):
-        _, images = train(dataset, tmp_path, epochs=2, augmentations=flip, cache_dir=str(tmp_path))
+        _, images = train(dataset, tmp_path, epochs=2, augmentations=flip, feature_cache={"dir": str(tmp_path / "c")})
     assert images == 2 * N_TRAIN
     assert "Teacher-feature cache off for fit: its images are augmented" in caplog.text
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="anomalib_transformer_student"):
-        _, images = train(dataset, tmp_path, epochs=2, augmentations=flip, feature_cache=True, cache_dir=str(tmp_path))
+        _, images = train(
+            dataset, tmp_path, epochs=2, augmentations=flip, feature_cache={"enabled": True, "dir": str(tmp_path / "c")}
+        )
     assert images == N_TRAIN
     assert "feature_cache=True with fit-time augmentation" in caplog.text
 
 
+def unusable(tmp_path: Path, kind: str) -> Path:
+    """A cache folder that is a file, a link, world-writable, another user's, or holding a user's files."""
+    path = tmp_path / "cache"
+    if kind == "file":
+        path.write_text("")
+    elif kind == "link":
+        (tmp_path / "real").mkdir()
+        path.symlink_to(tmp_path / "real")
+    else:
+        path.mkdir()
+        (path / "thesis.tex").write_text("important") if kind == "user files" else None
+        path.chmod(0o777 if kind == "world-writable" else 0o755)
+        if kind == "another user's":
+            os.chown(path, 4242, 4242)
+    return path
+
+
+def state(tmp_path: Path) -> list[tuple[str, int, int, bytes | None]]:
+    """Name, mode, owner and bytes of the cache folder and what it holds (or links to)."""
+    paths = [tmp_path / "cache", *(tmp_path / "cache").rglob("*"), *tmp_path.glob("real*")]
+    return sorted((str(p), p.lstat().st_mode, p.lstat().st_uid, p.read_bytes() if p.is_file() else None) for p in paths)
+
+
+@pytest.mark.parametrize("kind", ["file", "link", "world-writable", "another user's", "user files"])
 def test_an_unusable_cache_folder_turns_caching_off_with_one_warning(
-    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, uncached_two_epochs: list[float]
+    dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, uncached_two_epochs: list[float], kind: str
 ) -> None:
-    reference = uncached_two_epochs
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("")
+    if kind == "another user's" and os.getuid() != 0:
+        pytest.skip("needs root to give a folder to another user")
+    folder = unusable(tmp_path, kind)
+    before = state(tmp_path)
     with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
-        losses, images = train(dataset, tmp_path, epochs=2, cache_dir=str(blocker / "cache"))
+        losses, images = train(
+            dataset, tmp_path / "run", epochs=2, feature_cache={"dir": str(folder), "disk_budget_mb": 0}
+        )
     assert images == 2 * N_TRAIN  # the teacher ran every epoch
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=0, rtol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(uncached_two_epochs), atol=0, rtol=0)
     (warning,) = [record for record in caplog.records if "Teacher-feature cache" in record.getMessage()]
-    assert "not_a_folder/cache" in warning.getMessage()
-    assert "feature_cache.dir" in warning.getMessage()
+    assert f"'{folder}'" in warning.getMessage() and "feature_cache.dir" in warning.getMessage()
+    assert state(tmp_path) == before
 
 
 class FailAtSecondEpoch(Callback):
@@ -176,18 +164,12 @@ class FailAtSecondEpoch(Callback):
             raise RuntimeError("a failing fit")
 
 
-def test_a_failed_fit_releases_its_cache(dataset: Path, tmp_path: Path) -> None:
+def test_a_failed_fit_releases_and_removes_its_folders(dataset: Path, tmp_path: Path) -> None:
     seed_everything(0)
-    model = small_model(cache_dir=str(tmp_path / "cache"), cache_memory_budget_mb=0)
+    model = small_model(feature_cache={"dir": str(tmp_path / "cache"), "memory_budget_mb": 0})
     datamodule = make_datamodule(dataset)
     engine = make_engine(tmp_path, max_epochs=3, callbacks=[FailAtSecondEpoch()], limit_val_batches=0)
     with pytest.raises(RuntimeError, match="a failing fit"):
         engine.fit(model, datamodule=datamodule)
-    assert model.feature_caching.training.cache is None
-    assert model.feature_caching.evaluation.cache is None
-    # Its lock is free: the next run in this process adopts its spill file (and its entries) instead of a new one.
-    (folder,) = (tmp_path / "cache").iterdir()
-    name, lock = spill_file.claim_spill_name(CacheRoot(tmp_path / "cache").fingerprint(folder.name))
-    assert name == "rank0"
-    os.close(lock)
-    assert len((folder / "rank0.log").read_text().splitlines()) == 1 + N_TRAIN
+    assert all(cache.store is None for cache in model.feature_caching._caches.values())
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [".tsfc-budget.lock"]

@@ -1,4 +1,4 @@
-"""Evaluation features computed once per fit: every validation and the following test reuse them."""
+"""Evaluation features computed once per fit: every validation and the following test reuse them (Engine)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import Callback, seed_everything
 
 from anomalib_transformer_student.apps.demo_data import DEFECT_TYPES, DemoDatasetSpec, generate_demo_dataset
+from anomalib_transformer_student.feature_cache.callback import PURPOSE_STAGES
 
 from ...factories import TeacherCalls, make_datamodule, make_engine, small_model
 
@@ -36,17 +37,13 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_demo_dataset(tmp_path_factory.mktemp("demo"), spec)
 
 
-def fit_and_test(
-    dataset: Path, root: Path, evaluation_cache: bool = True, **model_arguments
-) -> tuple[int, int, dict[str, float], PredictionRecorder]:
+def fit_and_test(dataset: Path, root: Path, **model_arguments) -> tuple[int, int, dict[str, float], PredictionRecorder]:
     """``Engine.fit`` (validation every epoch) then ``Engine.test`` on the same data (MVTec AD: val = test).
 
     Returns the images the teacher saw in the fit and in the test, the test metrics and predictions.
     """
     seed_everything(0)
     model = small_model(layers=(0, 1), **model_arguments)
-    if not evaluation_cache:
-        model.feature_caching.evaluation.enabled = False
     teacher = TeacherCalls(model)
     datamodule = make_datamodule(dataset)
     predictions = PredictionRecorder()
@@ -54,13 +51,14 @@ def fit_and_test(
     engine.fit(model, datamodule=datamodule)
     fit_images = teacher.images
     (metrics,) = engine.test(model, datamodule=datamodule)
-    assert model.feature_caching.evaluation.cache is None  # released after the test
+    assert model.feature_caching._caches["evaluation"].store is None  # released after the test
+    assert not list((root / "cache").glob("tsfc-*"))  # and its folder removed
     return fit_images, teacher.images - fit_images, metrics, predictions
 
 
 def test_teacher_runs_once_per_image_across_validations_and_test(dataset: Path, tmp_path: Path) -> None:
     fit_images, test_images, metrics, predictions = fit_and_test(
-        dataset, tmp_path / "cached", cache_dir=str(tmp_path / "cache"), cache_dtype="float32"
+        dataset, tmp_path / "cached", feature_cache={"dir": str(tmp_path / "cached" / "cache"), "dtype": "float32"}
     )
     # Once per training image (first epoch) and once per evaluation image (first validation); none in the test.
     assert (fit_images, test_images) == (N_TRAIN + N_EVAL, 0)
@@ -79,9 +77,10 @@ def test_teacher_runs_once_per_image_across_validations_and_test(dataset: Path, 
         torch.testing.assert_close(predictions.predictions[path][1], anomaly_map, atol=1e-5, rtol=0)
 
 
-def test_evaluation_cache_off_recomputes_every_evaluation(dataset: Path, tmp_path: Path) -> None:
+def test_evaluation_cache_off_recomputes_every_evaluation(dataset: Path, tmp_path: Path, monkeypatch) -> None:
     # The training cache alone: the teacher runs on every evaluation image at every validation and the test.
+    monkeypatch.setitem(PURPOSE_STAGES, "evaluation", ())
     fit_images, test_images, _, _ = fit_and_test(
-        dataset, tmp_path, evaluation_cache=False, cache_dir=str(tmp_path / "cache"), cache_dtype="float32"
+        dataset, tmp_path, feature_cache={"dir": str(tmp_path / "cache"), "dtype": "float32"}
     )
     assert (fit_images, test_images) == (N_TRAIN + EPOCHS * N_EVAL, N_EVAL)
