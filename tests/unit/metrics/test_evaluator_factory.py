@@ -90,8 +90,8 @@ def test_demo_model_tests_with_the_factory() -> None:
     assert [strict for _, _, strict in described(model.evaluator)] == [True, True, False, False, False]
 
 
-class _Loaded(Exception):
-    """Stops `evaluate` right after it loaded the checkpoint."""
+class _Loaded(BaseException):
+    """Stops `evaluate` right after it loaded the checkpoint (no ``Exception``: nothing on the way may catch it)."""
 
 
 @pytest.mark.parametrize(("options", "curve"), [([], "exact"), (["--curve", "authors"], "authors")])
@@ -112,6 +112,7 @@ def test_evaluate_loads_checkpoints_with_the_factory_evaluator(
         main(["evaluate", "--data-root", str(tmp_path), "--ckpt", f"brick={checkpoint}", *options])
     ((path, overrides),) = calls
     assert path == checkpoint
+    assert overrides["feature_cache"] is False  # a single test writes no cache outside --output
     evaluator = overrides["evaluator"]
     assert isinstance(evaluator, SizeEvaluator)
     assert [name for name, _, _ in described(evaluator)] == [
