@@ -41,10 +41,12 @@ def fit(root: str, category: str, workdir: str, cache_dir: str, epochs: str) -> 
         teacher="vit_small_patch14_dinov2",
         pretrained=False,
         image_size=56,
-        feature_cache=cache_dir != "-",
-        cache_dir=None if cache_dir == "-" else cache_dir,
-        cache_dtype="float32",
-        cache_memory_budget_mb=0,
+        feature_cache={
+            "enabled": cache_dir != "-",
+            "dir": None if cache_dir == "-" else cache_dir,
+            "dtype": "float32",
+            "memory_budget_mb": 0,
+        },
     )
     engine = Engine(
         max_epochs=int(epochs),

@@ -99,7 +99,7 @@ def fit_and_test(name: str, root: Path, workdir: Path, args: argparse.Namespace)
     seed_everything(0, verbose=False)
     if name == "ours":
         model = TransformerStudent(
-            teacher=args.teacher, pretrained=False, image_size=args.size, cache_dir=str(workdir / "cache")
+            teacher=args.teacher, pretrained=False, image_size=args.size, feature_cache={"dir": str(workdir / "cache")}
         )
     else:  # L2BT's own teacher, or the same architecture as ours where another is asked for
         model = build_l2bt(args.size, backbone=None if args.teacher == DEFAULT_TEACHER else args.teacher)

@@ -184,7 +184,7 @@ def fit_and_test(root: Path, workdir: Path, args: argparse.Namespace) -> tuple[R
         image_size=args.image_size,
         tiling={"tile_size": args.image_size},
         lr=args.lr,
-        cache_dir=str(workdir / "feature_cache"),
+        feature_cache={"dir": str(workdir / "feature_cache")},
         evaluator=False,
         visualizer=False,
     )

@@ -121,7 +121,7 @@ def train(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
         pretrained=False,
         image_size=args.image_size,
         lr=LEARNING_RATE,
-        cache_dir=str(workdir / "feature_cache"),
+        feature_cache={"dir": str(workdir / "feature_cache")},
         visualizer=False,
     )
     engine = Engine(

@@ -89,7 +89,7 @@ def train_and_test(mode: str, root: Path, workdir: Path, args: argparse.Namespac
         pretrained=False,
         image_size=args.image_size,
         tiling={"tile_size": (args.tile_size or args.image_size) if mode == "tiled" else None},
-        cache_dir=str(workdir / "feature_cache"),
+        feature_cache={"dir": str(workdir / "feature_cache")},
         evaluator=SizeEvaluator(),
         visualizer=False,
     )

@@ -144,7 +144,7 @@ def build_model(name: str, args: argparse.Namespace, cache_dir: Path):
         from anomalib_transformer_student import TransformerStudent
 
         return TransformerStudent(
-            teacher=args.teacher, pretrained=False, image_size=args.image_size, cache_dir=str(cache_dir)
+            teacher=args.teacher, pretrained=False, image_size=args.image_size, feature_cache={"dir": str(cache_dir)}
         )
     return build_l2bt(args.image_size, backbone=args.teacher)
 
@@ -383,7 +383,7 @@ def build_users_model(name: str, args: argparse.Namespace, workdir: Path):
             pretrained=True,
             teacher_weights=str(workdir / "teacher.safetensors"),
             image_size=args.image_size,
-            cache_dir=str(workdir / "cache" / name),
+            feature_cache={"dir": str(workdir / "cache" / name)},
         )
     return build_l2bt(args.image_size, backbone=args.teacher)
 

@@ -25,6 +25,7 @@ from lightning.pytorch import Callback
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
+
 def capture_rng_state() -> dict[str, Any]:
     """The state of Python's, NumPy's, torch's and (when present) every CUDA device's global generator.
 

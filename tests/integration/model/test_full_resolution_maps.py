@@ -46,7 +46,7 @@ def wide_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_defect_in_a_non_square_image_peaks_where_it_was_drawn(wide_dataset: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = small_model(image_size=224, lr=1e-3, cache_dir=str(tmp_path))
+    model = small_model(image_size=224, lr=1e-3, feature_cache={"dir": str(tmp_path)})
     datamodule = make_datamodule(wide_dataset, category="wide", batch_size=2)
     engine = make_engine(tmp_path, max_epochs=3, check_val_every_n_epoch=3)
     engine.fit(model, datamodule=datamodule)

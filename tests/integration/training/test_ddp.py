@@ -77,7 +77,7 @@ def test_two_processes_pass_each_image_through_the_teacher_once_and_test_like_on
     )
 
     seed_everything(0)
-    single = TransformerStudent(**MODEL, cache_dir=str(tmp_path / "single"))
+    single = TransformerStudent(**MODEL, feature_cache={"dir": str(tmp_path / "single")})
     single_engine = make_engine(tmp_path / "single", max_epochs=3)
     single_engine.fit(single, datamodule=datamodule(dataset))
     (single_metrics,) = single_engine.test(single, datamodule=datamodule(dataset))

@@ -60,7 +60,7 @@ def fit_and_test(
 
 def test_teacher_runs_once_per_image_across_validations_and_test(dataset: Path, tmp_path: Path) -> None:
     fit_images, test_images, metrics, predictions = fit_and_test(
-        dataset, tmp_path / "cached", cache_dir=str(tmp_path / "cache"), cache_dtype="float32"
+        dataset, tmp_path / "cached", feature_cache={"dir": str(tmp_path / "cache"), "dtype": "float32"}
     )
     # Once per training image (first epoch) and once per evaluation image (first validation); none in the test.
     assert (fit_images, test_images) == (N_TRAIN + N_EVAL, 0)
@@ -82,6 +82,6 @@ def test_teacher_runs_once_per_image_across_validations_and_test(dataset: Path, 
 def test_evaluation_cache_off_recomputes_every_evaluation(dataset: Path, tmp_path: Path) -> None:
     # The training cache alone: the teacher runs on every evaluation image at every validation and the test.
     fit_images, test_images, _, _ = fit_and_test(
-        dataset, tmp_path, evaluation_cache=False, cache_dir=str(tmp_path / "cache"), cache_dtype="float32"
+        dataset, tmp_path, evaluation_cache=False, feature_cache={"dir": str(tmp_path / "cache"), "dtype": "float32"}
     )
     assert (fit_images, test_images) == (N_TRAIN + EPOCHS * N_EVAL, N_EVAL)

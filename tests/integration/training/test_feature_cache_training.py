@@ -72,7 +72,7 @@ def test_cached_training_follows_the_uncached_loss_curve(dataset: Path, tmp_path
     assert len(reference) == 3 * N_TRAIN // 4
     assert reference_images == 3 * N_TRAIN
     for dtype, tolerance in (("float32", 1e-5), ("float16", 1e-3)):
-        losses, images = train(dataset, tmp_path, cache_dir=str(tmp_path / dtype), cache_dtype=dtype)
+        losses, images = train(dataset, tmp_path, feature_cache={"dir": str(tmp_path / dtype), "dtype": dtype})
         # The teacher ran in the first epoch only.
         assert images == N_TRAIN, dtype
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=tolerance, rtol=0)
@@ -83,7 +83,7 @@ def test_cached_training_follows_the_uncached_loss_curve(dataset: Path, tmp_path
 def test_spilled_features_are_reused_by_the_next_run(
     dataset: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    arguments = {"cache_dir": str(tmp_path / "cache"), "cache_memory_budget_mb": 0}
+    arguments = {"feature_cache": {"dir": str(tmp_path / "cache"), "memory_budget_mb": 0}}
     first, first_images = train(dataset, tmp_path, epochs=2, **arguments)
     with caplog.at_level(logging.INFO, logger="anomalib_transformer_student"):
         second, second_images = train(dataset, tmp_path, epochs=2, **arguments)
@@ -101,7 +101,7 @@ def test_a_rewritten_training_image_is_recomputed(dataset: Path, tmp_path: Path)
     pixels = np.asarray(Image.open(image))
     # Uncompressed: another picture of the same shape gives a file of the same size in bytes.
     Image.fromarray(pixels).save(image, compress_level=0)
-    arguments = {"cache_dir": str(tmp_path / "cache"), "cache_memory_budget_mb": 0}
+    arguments = {"feature_cache": {"dir": str(tmp_path / "cache"), "memory_budget_mb": 0}}
     _, first_images = train(root, tmp_path, epochs=1, **arguments)
 
     before = image.stat()
@@ -128,7 +128,9 @@ def test_a_full_disk_leaves_training_running(
 
     monkeypatch.setattr(spill_file, "_write_at", full_disk)
     with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
-        losses, images = train(dataset, tmp_path, epochs=2, cache_dir=str(tmp_path / "cache"), cache_memory_budget_mb=0)
+        losses, images = train(
+            dataset, tmp_path, epochs=2, feature_cache={"dir": str(tmp_path / "cache"), "memory_budget_mb": 0}
+        )
     assert images == 2 * N_TRAIN  # nothing cached: the teacher ran every epoch
     # float16 storage rounds the teacher's features whether or not they are cached.
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=1e-3, rtol=0)
@@ -144,13 +146,15 @@ def test_augmented_training_turns_the_cache_off(
 ) -> None:
     flip = RandomHorizontalFlip(p=0.5)
     with caplog.at_level(logging.INFO, logger="anomalib_transformer_student"):
-        _, images = train(dataset, tmp_path, epochs=2, augmentations=flip, cache_dir=str(tmp_path))
+        _, images = train(dataset, tmp_path, epochs=2, augmentations=flip, feature_cache={"dir": str(tmp_path)})
     assert images == 2 * N_TRAIN
     assert "Teacher-feature cache off for fit: its images are augmented" in caplog.text
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="anomalib_transformer_student"):
-        _, images = train(dataset, tmp_path, epochs=2, augmentations=flip, feature_cache=True, cache_dir=str(tmp_path))
+        _, images = train(
+            dataset, tmp_path, epochs=2, augmentations=flip, feature_cache={"enabled": True, "dir": str(tmp_path)}
+        )
     assert images == N_TRAIN
     assert "feature_cache=True with fit-time augmentation" in caplog.text
 
@@ -162,7 +166,7 @@ def test_an_unusable_cache_folder_turns_caching_off_with_one_warning(
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
     with caplog.at_level(logging.WARNING, logger="anomalib_transformer_student"):
-        losses, images = train(dataset, tmp_path, epochs=2, cache_dir=str(blocker / "cache"))
+        losses, images = train(dataset, tmp_path, epochs=2, feature_cache={"dir": str(blocker / "cache")})
     assert images == 2 * N_TRAIN  # the teacher ran every epoch
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), atol=0, rtol=0)
     (warning,) = [record for record in caplog.records if "Teacher-feature cache" in record.getMessage()]
@@ -178,7 +182,7 @@ class FailAtSecondEpoch(Callback):
 
 def test_a_failed_fit_releases_its_cache(dataset: Path, tmp_path: Path) -> None:
     seed_everything(0)
-    model = small_model(cache_dir=str(tmp_path / "cache"), cache_memory_budget_mb=0)
+    model = small_model(feature_cache={"dir": str(tmp_path / "cache"), "memory_budget_mb": 0})
     datamodule = make_datamodule(dataset)
     engine = make_engine(tmp_path, max_epochs=3, callbacks=[FailAtSecondEpoch()], limit_val_batches=0)
     with pytest.raises(RuntimeError, match="a failing fit"):

@@ -27,7 +27,7 @@ STOP_AT_EPOCH = 1  # killed when epoch 1 starts: epoch 0 is in the checkpoint, e
 
 def _model(workdir: Path, feature_cache: bool) -> TransformerStudent:
     # layers (1, 3): a 4-block teacher, cheap
-    return small_model(layers=(1, 3), feature_cache=feature_cache, cache_dir=str(workdir / "cache"))
+    return small_model(layers=(1, 3), feature_cache={"enabled": feature_cache, "dir": str(workdir / "cache")})
 
 
 def _fit(

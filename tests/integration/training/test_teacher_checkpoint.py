@@ -47,7 +47,9 @@ def _weights_file(path: Path, state: dict[str, torch.Tensor]) -> Path:
 
 
 def _model(weights: Path, workdir: Path) -> TransformerStudent:
-    return small_model(pretrained=True, teacher_weights=str(weights), layers=(0, 1), cache_dir=str(workdir / "cache"))
+    return small_model(
+        pretrained=True, teacher_weights=str(weights), layers=(0, 1), feature_cache={"dir": str(workdir / "cache")}
+    )
 
 
 def _fit(

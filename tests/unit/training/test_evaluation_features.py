@@ -37,7 +37,7 @@ def write_image(path: Path, seed: int, size: tuple[int, int] = (70, 50)) -> torc
 def model(tmp_path: Path) -> tuple[TransformerStudent, TeacherCalls]:
     """A small eval-mode model whose teacher counts the images it sees."""
     torch.manual_seed(0)
-    student = small_model(layers=(0, 1), cache_dir=str(tmp_path / "cache")).eval()
+    student = small_model(layers=(0, 1), feature_cache={"dir": str(tmp_path / "cache")}).eval()
     return student, TeacherCalls(student)
 
 

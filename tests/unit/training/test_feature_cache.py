@@ -376,7 +376,7 @@ def test_every_part_of_the_fingerprint_matters() -> None:
         "image size": _model(image_size=70),
         "pre-processing": _model(pre_processor=OriginalSizePreProcessor(bilinear)),
         "teacher precision": _model(teacher_precision="float16"),
-        "cache dtype": _model(cache_dtype="float32"),
+        "cache dtype": _model(feature_cache={"dtype": "float32"}),
     }
     for name, variant in variants.items():
         # The same weights wherever the architecture allows, so that only the named part differs.
