@@ -57,7 +57,7 @@ def test_defects_keep_their_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_console_script_ends_a_bad_option_without_a_traceback(tmp_path: Path) -> None:
-    """The case the review showed: ``--ckpt screw`` (no ``=PATH``) ended in a ``ValueError`` traceback."""
+    """``--ckpt screw`` (no ``=PATH``) ends with the usage message, not a ``ValueError`` traceback."""
     command = [str(CONSOLE_SCRIPT), "evaluate", "--ckpt", "screw", "--data-root", str(tmp_path)]
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)

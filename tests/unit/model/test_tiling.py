@@ -194,7 +194,7 @@ def test_tiled_training_steps_chunk_by_chunk_as_one_step_over_all_tiles() -> Non
     ]
     options = {"feature_cache": False, "lr": 1e-3}
     reference = _model(**options, tiling={"tile_size": SIZE, "tile_batch_size": 100})
-    reference.automatic_optimization = True  # the whole batch's tiles in one loss, as before chunking
+    reference.automatic_optimization = True  # the whole batch's tiles in one loss, unchunked
     assert reference.tiling.layout(112, 140).count == 6  # 12 tiles per batch
     expected = _fit_steps(reference, batches, 3)
     for tile_batch_size in (1, 5, 100):
