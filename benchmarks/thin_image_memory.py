@@ -7,13 +7,13 @@ step on a small image (peak RSS only grows, so each case needs its own process).
 1. Thin images (line scans), whole and tiled, at a small teacher (56 px, blocks 0 and 1): one evaluation step
    (``_predict``, as validation, test and predict run it) and one training step (a ``Trainer`` fit of one step).
    Without tiling every image is edge-padded to a square and resized to the teacher's input; padding first (as
-   anomalib's ``SquarePad`` followed by a ``Resize`` does, as this package did before ``SquareResize``) builds the
+   anomalib's ``SquarePad`` followed by a ``Resize`` does) builds the
    whole square: a 20000 x 500 strip becomes 20000 x 20000 x 3 floats. ``SquareResize`` folds the padding into the
    resize weights and never builds it. Tiled: ``--thin-tile``-px tiles (one column of tiles on these strips).
 2. Tiled images of ``--tiles`` tiles at native resolution (448-px tiles at ``image_size`` 448, blocks 1 and 3,
-   ``tile_batch_size`` 8): the tiles' tokens chunk by chunk (the package) against all tiles' tokens at once (as
-   before tiles were chunked: ``teacher_features`` on all tiles then ``predict``; in training one loss over all
-   tiles, Lightning's automatic optimisation).
+   ``tile_batch_size`` 8): the tiles' tokens chunk by chunk (the package) against all tiles' tokens at once
+   (``teacher_features`` on all tiles then ``predict``; in training one loss over all tiles, Lightning's automatic
+   optimisation).
 
     python benchmarks/thin_image_memory.py                      # ~5 min on 2 shared cores
     python benchmarks/thin_image_memory.py --sizes 50000x1000 --tiles 16 64 144
@@ -46,8 +46,11 @@ def _peak_mib() -> float:
 
 
 def _model(settings: dict, tile_size: int | None, pad_first: bool = False) -> TransformerStudent:
+    from anomalib.data.transforms import SquarePad
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
     from anomalib_transformer_student import TransformerStudent
-    from anomalib_transformer_student.model.pre_processing import legacy_square_resize_transform
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -55,13 +58,15 @@ def _model(settings: dict, tile_size: int | None, pad_first: bool = False) -> Tr
         teacher=TEACHER,
         pretrained=False,
         feature_cache=False,
-        tile_size=tile_size,
-        tile_batch_size=TILE_BATCH_SIZE,
+        tiling={"tile_size": tile_size, "tile_batch_size": TILE_BATCH_SIZE},
         **settings,
     )
     model.post_processor = None
     if pad_first:
-        model.pre_processor.transform = legacy_square_resize_transform(settings["image_size"])
+        side = settings["image_size"]
+        resize = Resize((side, side), interpolation=InterpolationMode.BICUBIC, antialias=True)
+        normalize = Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+        model.pre_processor.transform = Compose([SquarePad(), resize, normalize])
     return model
 
 
@@ -70,7 +75,7 @@ def predict_growth_mib(
 ) -> float:
     """MiB by which one evaluation step on a ``height`` x ``width`` image raises this process's peak memory.
 
-    ``at_once``: all tiles' tokens at once, as the evaluation step computed them before tiles were chunked.
+    ``at_once``: all tiles' tokens at once.
     """
     from anomalib_transformer_student.model.pre_processing import evaluation_input
 
@@ -95,7 +100,7 @@ def predict_growth_mib(
 def train_growth_mib(height: int, width: int, settings: dict, tile_size: int | None, *, at_once: bool = False) -> float:
     """MiB by which one training step (a fit of one step) on a ``height`` x ``width`` image raises the peak memory.
 
-    ``at_once``: one loss over all tiles of the batch (automatic optimisation), as before tiles were chunked.
+    ``at_once``: one loss over all tiles of the batch (automatic optimisation).
     """
     from anomalib.data import ImageBatch
     from lightning.pytorch import Trainer
@@ -186,9 +191,9 @@ def main() -> None:
             [
                 "image (H x W)",
                 "tiles",
-                "evaluation: all at once (before)",
+                "evaluation: all at once",
                 "evaluation: chunked",
-                "training step: all at once (before)",
+                "training step: all at once",
                 "training step: chunked",
             ]
         )

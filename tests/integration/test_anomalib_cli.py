@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from anomalib.models import get_model
-
-from anomalib_transformer_student import TransformerStudent
 
 from ..helpers import SMALL_MODEL_ARGS, anomalib_cli, checkpoints, data_args, printed_config, run_cli
 
@@ -95,14 +92,6 @@ def test_predict_in_tiles_with_the_tiling_config(
     assert "inspected in 56-px tiles" in caplog.text
     written = list((tmp_path / "results").rglob("*.png"))
     assert len(written) == len(list(images.glob("*.png")))
-
-
-def test_get_model_returns_our_class() -> None:
-    model = get_model("TransformerStudent", pretrained=False, teacher="vit_small_patch14_dinov2", image_size=112)
-    assert type(model) is TransformerStudent
-    by_config = get_model({"class_path": "TransformerStudent", "init_args": {"pretrained": False, "image_size": 56}})
-    assert type(by_config) is TransformerStudent
-    assert by_config.model.teacher.grid_size == (4, 4)
 
 
 def test_benchmark_pipeline_runs(demo_root: Path, tmp_path: Path) -> None:

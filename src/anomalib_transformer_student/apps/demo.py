@@ -36,7 +36,7 @@ from ..model import TransformerStudent
 from ..model.teacher import DEFAULT_TEACHER, check_image_size, create_backbone
 from ..training import teacher_weights
 from .demo_data import TEXTURES, DemoDatasetSpec, generate_demo_dataset
-from .report import GridSample, format_metrics_table, save_prediction_grid, write_metrics_json
+from .demo_report import GridSample, format_metrics_table, save_prediction_grid, write_metrics_json
 
 DEFAULT_DATA_ROOT = Path("datasets/transformer_student_demo")
 DEFAULT_OUTPUT = Path("demo_output")

@@ -34,7 +34,7 @@ from anomalib.engine import Engine
 from ..metrics import CURVES, Curve, SizeEvaluator
 from ..metrics.binned_aupro import BinnedAUPRO
 from .checkpoints import load_model
-from .size_report import CategoryResult, markdown_report, write_report
+from .evaluate_report import CategoryResult, markdown_report, write_report
 
 SCALAR_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 MVTECAD2_METRICS = ("image_F1Score", "pixel_F1Score", "pixel_AUPRO_fpr0.05")

@@ -63,7 +63,8 @@ def feature_fingerprint(module: LightningModule, weights: str, purpose: str, dty
         spec = repr(transform)
     keep_size = getattr(module.pre_processor, "keep_original_size", None)
     tiling = None if module.tiling is None else module.tiling.spec
-    identity = {**module.architecture, "pre_processing": spec, "precision": "32-true" if module._trainer is None else str(module._trainer.precision),
+    precision = "32-true" if module._trainer is None else str(module._trainer.precision)
+    identity = {**module.architecture, "pre_processing": spec, "precision": precision,
                 "keep_original_size": keep_size, "tiling": tiling, "weights": weights, "purpose": purpose,
                 "dtype": dtype, "augmentations": None if augmentations is None else repr(augmentations)}  # fmt: skip
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()

@@ -70,8 +70,8 @@ class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, 
     paper's high resolution (1036 px, 74 x 74 patches) that lets it see tiny defects.
 
     The teacher's weights are fetched when a stage starts, not at construction, so the checkpoint a fit
-    ends with (which holds the teacher) loads offline; earlier ones leave the frozen teacher out when it can
-    be fetched again. Every option: ``docs/reference/options.md``.
+    ends with (which holds the teacher) loads offline; those of earlier epochs leave the frozen teacher out when
+    it can be fetched again. Every option: ``docs/reference/options.md``.
 
     Args:
         teacher: timm name of the Vision Transformer teacher.
@@ -98,8 +98,8 @@ class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, 
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
         visualizer: Visualizer, or ``True`` for anomalib's default.
-        **legacy: Options of earlier versions under their flat names (``tile_size``, ``topk_ratio``, ...), as
-            checkpoints written by them hold: moved into their groups (see :mod:`.options`).
+        **dotted_options: Options of the groups under dotted names (``tiling.tile_size=518``), as
+            ``get_model`` passes a jsonargparse ``Namespace``: merged into their groups (see :mod:`.options`).
 
     Precision is the trainer's: ``--trainer.precision bf16-mixed`` (``Engine(precision="bf16-mixed")``) runs
     teacher and students in bf16 in every stage, the loss and the map maths in float32; exports stay float32.
@@ -132,12 +132,12 @@ class TransformerStudent(TeacherCheckpointMixin, TransformerStudentExportMixin, 
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
-        **legacy: Any,
+        **dotted_options: Any,
     ) -> None:
-        options = ModelOptions.from_arguments(anomaly_map, tiling, feature_cache, legacy)
-        # Rebound before AnomalibModule saves the constructor's arguments as hyper-parameters: plain data only.
+        options = ModelOptions.from_arguments(anomaly_map, tiling, feature_cache, dotted_options)
+        # AnomalibModule saves the constructor's locals as hyper-parameters: the groups, as plain data, and only them.
         anomaly_map, tiling, feature_cache = options.hyperparameters()
-        legacy = {}
+        dotted_options = {}
         super().__init__(
             pre_processor=False if pre_processor is True else pre_processor,
             post_processor=post_processor,

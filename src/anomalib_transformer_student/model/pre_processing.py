@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib.data.transforms import SquarePad
 from anomalib.pre_processing import PreProcessor
-from anomalib.pre_processing.utils.spec import transform_to_spec
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
-from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize, Transform
+from torchvision.transforms.v2 import Compose, Normalize, Transform
 
 from .resize import SquareResize
 from .tiling import TileLayout, Tiling
@@ -51,25 +50,6 @@ def square_resize_transform(image_size: int) -> Transform:
     OpenVINO's CPU plugin fails to compile a fixed-size graph that normalises a matrix product's output.
     """
     return Compose([Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD), SquareResize(image_size)])
-
-
-def legacy_square_resize_transform(image_size: int) -> Transform:
-    """The transform of checkpoints written before :class:`~.resize.SquareResize`: ``SquarePad``, then ``Resize``.
-
-    Its antialiased bicubic resize computes the same pixels as ``SquareResize`` (to float rounding),
-    but anomalib's export turns its antialiasing off; such checkpoints load with ``SquareResize``.
-    """
-    return Compose(
-        [
-            Compose(
-                [
-                    SquarePad(),
-                    Resize((image_size, image_size), interpolation=InterpolationMode.BICUBIC, antialias=True),
-                ]
-            ),
-            Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
-        ]
-    )
 
 
 class OriginalSizePreProcessor(PreProcessor):
@@ -137,19 +117,6 @@ class OriginalSizePreProcessor(PreProcessor):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """The teacher's input for raw images, as an exported model computes it (tiles when tiling)."""
         return self.teacher_input(batch, export=True)[0]
-
-    def load_checkpoint_config(self, config: dict[str, Any]) -> None:
-        """Restore the transform a checkpoint records; an older checkpoint's pad-and-resize becomes ``SquareResize``.
-
-        Checkpoints written before :class:`~.resize.SquareResize` record ``SquarePad`` and an antialiased
-        ``Resize`` of the same size: the model keeps its own ``SquareResize``, which computes the same
-        pixels and exports them unchanged.
-        """
-        size = next((inner.size for inner in _transforms(self.transform) if isinstance(inner, SquareResize)), None)
-        legacy = None if size is None else transform_to_spec(legacy_square_resize_transform(size))
-        if legacy is not None and config.get("transform") == legacy:
-            return
-        super().load_checkpoint_config(config)
 
     def on_train_batch_start(
         self,

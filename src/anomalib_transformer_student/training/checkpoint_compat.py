@@ -10,8 +10,7 @@ students would silently read features they were never trained on.
 
 So each checkpoint records the architecture under its own key (:func:`record_architecture`),
 which nothing overrides, and :func:`check_checkpoint_compatible` compares it with the model
-and names every setting that differs. Checkpoints without the record are compared by their
-``hyper_parameters``.
+and names every setting that differs.
 
 The teacher's weights (``pretrained``, ``teacher_weights``) are not compared: the checkpoint
 holds the teacher, so its weights replace whatever the model was built with. Neither is the
@@ -93,7 +92,7 @@ def check_checkpoint_compatible(checkpoint: Mapping[str, Any], current: Mapping[
         Traceback (most recent call last):
         CheckpointMismatchError: The checkpoint was trained with other settings than this model has: ...
     """
-    stored = checkpoint.get(ARCHITECTURE_KEY) or checkpoint.get("hyper_parameters") or {}
+    stored = checkpoint.get(ARCHITECTURE_KEY) or {}
     differing = [
         name
         for name in ARCHITECTURE_SETTINGS

@@ -25,9 +25,6 @@ from lightning.pytorch import Callback
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
-# Where checkpoints written before the callback existed (0.1.0 and later) keep the state.
-LEGACY_KEY = "rng_state"
-
 
 def capture_rng_state() -> dict[str, Any]:
     """The state of Python's, NumPy's, torch's and (when present) every CUDA device's global generator.
@@ -110,12 +107,6 @@ class RandomGeneratorState(Callback):
         """Restore the generators when a fit resumes."""
         if self._fitting:
             restore_rng_state(state_dict)
-
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Restore the state that checkpoints written before this callback keep under ``"rng_state"``."""
-        del trainer, pl_module
-        if self._fitting and self.state_key not in checkpoint.get("callbacks", {}) and LEGACY_KEY in checkpoint:
-            restore_rng_state(checkpoint[LEGACY_KEY])
 
 
 __all__ = ["RandomGeneratorState", "capture_rng_state", "restore_rng_state"]

@@ -1,30 +1,15 @@
-"""Checks of user settings that the model and training share, and the groups options come in.
+"""Checks of user settings that the model and training share.
 
 :func:`positive_int` is the one check of a count (a batch size, a number of tiles), :func:`one_of` of a choice
-among names (a dtype, a purpose).
-
-:func:`option_groups` turns what a user, a YAML file or a checkpoint passes for groups of options into
-frozen dataclasses: each group as an instance, a plain dict or ``None``, and its options also under their
-flat names (the fields' names, as checkpoints written before the group hold them). A module adds a group in
-three steps (``TransformerStudent``'s ``anomaly_map`` and ``tiling`` show them, in ``model/options.py``):
-
-1. a frozen dataclass whose fields are the options, with defaults (checked in ``__post_init__``);
-2. a constructor argument of that type defaulting to a module-level instance, plus the group in a
-   ``GROUPS`` table (name -> dataclass);
-3. at the start of the constructor, ``option_groups({...the groups..., **legacy}, GROUPS, MOVED_OPTIONS)``
-   (``**legacy``: the constructor's var-keyword argument, through which Lightning passes a checkpoint's old
-   flat names), and each group rebound to ``dataclasses.asdict(group)`` before ``AnomalibModule.__init__``
-   saves the hyper-parameters, so that checkpoints hold plain data (``weights_only=True`` loads them).
+among names (a dtype, a purpose), :func:`settings_group` of a group of options (a frozen dataclass, given as
+an instance, a mapping of its fields or ``None``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
-
-logger = logging.getLogger(__name__)
 
 Group = TypeVar("Group")
 
@@ -94,44 +79,4 @@ def settings_group(kind: type[Group], value: Group | Mapping[str, Any] | None, n
     raise TypeError(msg)
 
 
-def option_groups(
-    options: Mapping[str, Any], groups: Mapping[str, type], moved: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Each group of ``groups`` (name -> dataclass) built from ``options``: the group's value and its flat names.
-
-    A group's value is an instance, a dict or ``None`` (see :func:`settings_group`). Its options may also come
-    under their flat names (the names of its fields), as checkpoints of versions before the group hold them:
-    they fill the fields the group leaves at their defaults, so a value given in the group wins.
-
-    Options named in ``moved`` (name -> where it went) left the constructor: they are dropped, with a warning
-    saying where they went when set (to anything but ``False``/``None``), so that old checkpoints still load.
-
-    Raises:
-        TypeError: For a name in ``options`` that is neither a group nor one of their fields.
-
-    Example:
-        >>> @dataclasses.dataclass(frozen=True)
-        ... class Tiles:
-        ...     tile_size: int | None = None
-        ...     tile_overlap: int = 0
-        >>> option_groups({"tiles": {"tile_overlap": 14}, "tile_size": 518}, {"tiles": Tiles})
-        {'tiles': Tiles(tile_size=518, tile_overlap=14)}
-    """
-    unused = dict(options)
-    for name, destination in (moved or {}).items():
-        if unused.pop(name, None) not in (None, False):
-            logger.warning("%s is ignored: the option moved to %s.", name, destination)
-    built = {}
-    for name, kind in groups.items():
-        group = settings_group(kind, unused.pop(name, None), name)
-        defaults = kind()
-        flat = {field.name: unused.pop(field.name) for field in dataclasses.fields(kind) if field.name in unused}
-        flat = {key: value for key, value in flat.items() if getattr(group, key) == getattr(defaults, key)}
-        built[name] = dataclasses.replace(group, **flat) if flat else group
-    if unused:
-        msg = f"unexpected option(s) {sorted(unused)}; the groups of options are {sorted(groups)}."
-        raise TypeError(msg)
-    return built
-
-
-__all__ = ["one_of", "option_groups", "positive_int", "settings_group"]
+__all__ = ["one_of", "positive_int", "settings_group"]

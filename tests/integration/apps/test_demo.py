@@ -21,7 +21,7 @@ from PIL import Image
 from anomalib_transformer_student.apps import cli, demo
 from anomalib_transformer_student.apps.demo_data import TEXTURES, DemoDatasetSpec
 from anomalib_transformer_student.apps.demo_datamodule import DEFAULT_ROOT, DemoData
-from anomalib_transformer_student.apps.report import format_metrics_table, write_metrics_json
+from anomalib_transformer_student.apps.demo_report import format_metrics_table, write_metrics_json
 from anomalib_transformer_student.training import teacher_weights
 
 SMALL_TEACHER = "vit_small_patch14_dinov2"

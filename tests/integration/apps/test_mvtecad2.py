@@ -155,7 +155,7 @@ def test_python_api_on_all_three_test_sets_and_export(
     model = small_model(
         image_size=SIZE,
         layers=(0, 1),  # two blocks: a small graph to export
-        tile_size=SIZE,
+        tiling={"tile_size": SIZE},
         lr=1e-3,
         feature_cache={"dir": str(tmp_path / "cache")},
         post_processor=QuantilePostProcessor(image_quantile=IMAGE_QUANTILE, pixel_quantile=PIXEL_QUANTILE),

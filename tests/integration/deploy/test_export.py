@@ -308,7 +308,7 @@ def test_tiled_export_tiles_in_the_graph_and_matches_pytorch(tmp_path: Path, mon
     Eager, the teacher takes the tiles in chunks of ``tile_batch_size``; the graph runs them in one batch.
     """
     monkeypatch.chdir(tmp_path)
-    model = small_model(layers=(0, 1), tile_size=112, tile_overlap=14, tile_batch_size=4)
+    model = small_model(layers=(0, 1), tiling={"tile_size": 112, "tile_overlap": 14, "tile_batch_size": 4})
     assert model.tiling.layout(130, 250).count == 6
     path = model.eval().to_openvino(tmp_path / "export", input_size=(130, 250))
     operations = [operation.get_type_name() for operation in ov.Core().read_model(path).get_ops()]

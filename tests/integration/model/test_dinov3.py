@@ -88,7 +88,7 @@ def test_predict_whole_and_in_tiles_after_reload(fitted: dict, demo_root: Path) 
     (batch, *_) = fitted["engine"].predict(reloaded, dataset=PredictDataset(folder))
     assert batch.anomaly_map.shape[-2:] == (112, 112)
 
-    tiled = TransformerStudent.load_from_checkpoint(checkpoint, tile_size=TILE)
+    tiled = TransformerStudent.load_from_checkpoint(checkpoint, tiling={"tile_size": TILE})
     assert tiled.tiling.layout(112, 112).count == 4
     tiles = TeacherCalls(tiled)
     (batch, *_) = fitted["engine"].predict(tiled, dataset=PredictDataset(folder))

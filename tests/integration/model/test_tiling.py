@@ -56,7 +56,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fit_test_and_predict_on_tiles(dataset: Path, tmp_path: Path) -> None:
     seed_everything(0)
-    model = small_model(image_size=TILE, layers=(1, 3), tile_size=TILE, lr=1e-3)
+    model = small_model(image_size=TILE, layers=(1, 3), tiling={"tile_size": TILE}, lr=1e-3)
     assert model.tiling.layout(HEIGHT, WIDTH).count == TILES
     tiles_seen = TeacherCalls(model)
     datamodule = make_datamodule(dataset, category="sheet", batch_size=2, eval_batch_size=1)

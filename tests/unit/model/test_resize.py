@@ -1,6 +1,6 @@
 """Pad-and-resize as matrix products equals anomalib's SquarePad + PyTorch's antialiased bicubic, in every path.
 
-Also: older checkpoints' pad-and-resize loads as the exportable one; the top-k count of a graph for any size.
+Also: the top-k count of a graph for any size.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torchvision import tv_tensors
 from anomalib_transformer_student.model.anomaly_map import top_k_count, top_k_mean
 from anomalib_transformer_student.model.pre_processing import (
     OriginalSizePreProcessor,
-    legacy_square_resize_transform,
     square_resize_transform,
 )
 from anomalib_transformer_student.model.resize import SquareResize, square_resize
@@ -55,26 +54,14 @@ def test_transform_spec_round_trips_through_anomalibs_registry() -> None:
     torch.testing.assert_close(rebuilt(images), transform(images))
 
 
-def test_an_older_checkpoints_pad_and_resize_loads_as_the_exportable_one() -> None:
-    pre_processor = OriginalSizePreProcessor(square_resize_transform(112))
-    pre_processor.load_checkpoint_config({"transform": transform_to_spec(legacy_square_resize_transform(112))})
-    assert any(isinstance(inner, SquareResize) for inner in pre_processor.transform.transforms)
-    assert any(isinstance(inner, SquareResize) for inner in pre_processor.export_transform.transforms)
-    images = torch.rand(1, 3, 300, 200)
-    # Same pixels as before, to float rounding: the old transform resized with antialiasing too.
-    torch.testing.assert_close(
-        pre_processor.export_transform(images), legacy_square_resize_transform(112)(images), atol=1e-5, rtol=0
-    )
-
-
 def test_the_export_transform_keeps_antialiasing() -> None:
     """anomalib's get_exportable_transform turns a Resize's antialiasing off; SquareResize keeps it."""
     pre_processor = OriginalSizePreProcessor(square_resize_transform(56))
     images = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pre_processor.export_transform(images), pre_processor.transform(images))
-    unaliased = legacy_square_resize_transform(56)
-    unaliased.transforms[0].transforms[1].antialias = False
-    assert (unaliased(images) - pre_processor.transform(images)).abs().max() > 0.1
+    unaliased = functional.interpolate(SquarePad()(images), size=(56, 56), mode="bicubic", antialias=False)
+    normalised = pre_processor.transform.transforms[0](unaliased)
+    assert (normalised - pre_processor.transform(images)).abs().max() > 0.1
 
 
 def test_one_traced_graph_resizes_every_size_as_the_eager_code() -> None:

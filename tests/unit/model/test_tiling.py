@@ -105,7 +105,7 @@ def test_stitching_places_each_tile_and_averages_overlaps() -> None:
 
 @pytest.mark.parametrize("size", [(50, 40), (112, 112), (112, 70)])
 def test_an_image_within_one_tile_gives_todays_map_and_score(size: tuple[int, int]) -> None:
-    whole, tiled = _model(), _model(tile_size=112)
+    whole, tiled = _model(), _model(tiling={"tile_size": 112})
     tiled.load_state_dict(whole.state_dict())
     images = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_an_image_within_one_tile_gives_todays_map_and_score(size: tuple[int, in
 
 
 def test_tiled_map_has_the_images_size_and_both_paths_agree() -> None:
-    model = _model(tile_size=112, tile_overlap=14)
+    model = _model(tiling={"tile_size": 112, "tile_overlap": 14})
     model.pre_processor.export_transform = model.pre_processor.transform  # same resize in both paths
     images = torch.rand(2, 3, 130, 250, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -129,7 +129,10 @@ def test_tiled_map_has_the_images_size_and_both_paths_agree() -> None:
 
 
 def test_tiles_reach_the_teacher_in_chunks_of_tile_batch_size() -> None:
-    chunked, at_once = _model(tile_size=SIZE, tile_batch_size=4), _model(tile_size=SIZE, tile_batch_size=100)
+    chunked, at_once = (
+        _model(tiling={"tile_size": SIZE, "tile_batch_size": 4}),
+        _model(tiling={"tile_size": SIZE, "tile_batch_size": 100}),
+    )
     at_once.load_state_dict(chunked.state_dict())
     images = torch.rand(1, 3, 130, 250, generator=torch.Generator().manual_seed(3))
     assert chunked.tiling.layout(130, 250).count == 15
@@ -153,7 +156,7 @@ def _largest_student_batch(model: TransformerStudent) -> list[int]:
 
 def test_tiled_prediction_holds_one_chunks_tokens_and_gives_the_whole_batchs_maps() -> None:
     """Tiles are scored chunk by chunk (only their scores kept), and the maps are those of all tiles at once."""
-    model = _model(tile_size=SIZE, tile_overlap=14, tile_batch_size=4)
+    model = _model(tiling={"tile_size": SIZE, "tile_overlap": 14, "tile_batch_size": 4})
     images = torch.rand(2, 3, 130, 250, generator=torch.Generator().manual_seed(4))
     tiles, layout = model.pre_processor.teacher_input(images)
     assert len(tiles) == 2 * layout.count > 4
@@ -190,13 +193,13 @@ def test_tiled_training_steps_chunk_by_chunk_as_one_step_over_all_tiles() -> Non
         ImageBatch(image=torch.rand(2, 3, 112, 140, generator=generator), image_path=[f"{step}-a", f"{step}-b"])
         for step in range(3)
     ]
-    options = {"tile_size": SIZE, "feature_cache": False, "lr": 1e-3}
-    reference = _model(**options, tile_batch_size=100)
-    reference.automatic_optimization = True  # the whole batch's tiles in one loss, as before chunking
+    options = {"feature_cache": False, "lr": 1e-3}
+    reference = _model(**options, tiling={"tile_size": SIZE, "tile_batch_size": 100})
+    reference.automatic_optimization = True  # the whole batch's tiles in one loss, unchunked
     assert reference.tiling.layout(112, 140).count == 6  # 12 tiles per batch
     expected = _fit_steps(reference, batches, 3)
     for tile_batch_size in (1, 5, 100):
-        model = _model(**options, tile_batch_size=tile_batch_size)
+        model = _model(**options, tiling={"tile_size": SIZE, "tile_batch_size": tile_batch_size})
         assert not model.automatic_optimization
         largest = _largest_student_batch(model)
         losses = _fit_steps(model, batches, 3)
@@ -217,7 +220,10 @@ def test_tiled_training_refuses_the_trainers_automatic_clipping_and_accumulation
     trainer = make_trainer(max_steps=1, **{option: 2})
     batches = [ImageBatch(image=torch.rand(1, 3, 112, 112), image_path=["a"])]
     with pytest.raises(MisconfigurationException, match=f"{named} is not supported for manual optimization"):
-        trainer.fit(_model(tile_size=SIZE, feature_cache=False), train_dataloaders=DataLoader(batches, batch_size=None))
+        trainer.fit(
+            _model(tiling={"tile_size": SIZE}, feature_cache=False),
+            train_dataloaders=DataLoader(batches, batch_size=None),
+        )
 
 
 @pytest.mark.parametrize("purpose", ["training", "evaluation"])
@@ -258,7 +264,7 @@ def test_uniform_image_gives_a_map_without_seams_at_tile_borders() -> None:
     Flat across tile borders too, where tiles smoothed one by one (with the zero padding the smoothing
     has at a map's border) would dip.
     """
-    model = _model(tile_size=SIZE)
+    model = _model(tiling={"tile_size": SIZE})
     model.model.teacher.backbone.pos_embed.data.zero_()
     image = torch.full((1, 3, 4 * SIZE, 5 * SIZE), 0.5)  # 4 x 5 tiles, no padding
     with torch.no_grad():
@@ -276,7 +282,7 @@ def test_uniform_image_gives_a_map_without_seams_at_tile_borders() -> None:
 
 
 def test_tiling_options_from_the_constructor() -> None:
-    model = _model(tile_size=112, tile_overlap=14)
+    model = _model(tiling={"tile_size": 112, "tile_overlap": 14})
     assert (model.tiling.tile_size, model.tiling.overlap) == (112, 14)
     assert model.hparams["tiling"]["tile_size"] == 112  # checkpoints rebuild the tiled model
     fingerprints = {feature_fingerprint(m, "weights", "training", "float16", None) for m in (model, _model())}
@@ -286,16 +292,16 @@ def test_tiling_options_from_the_constructor() -> None:
 @pytest.mark.parametrize(
     ("options", "named"),
     [
-        ({"tile_size": 8}, "tile_size=8 is smaller than one 14-px patch"),
-        ({"tile_size": 101}, "use tile_size=100 or 104"),  # SIZE 56: 4 x 4 patches
-        ({"tile_size": 102}, "use tile_size=100 or 104"),
-        ({"tile_size": 112, "tile_overlap": -1}, "tile_overlap=-1 must be a non-negative"),
-        ({"tile_size": 112, "tile_overlap": 112}, "not smaller than tile_size=112"),
-        ({"tile_size": 112, "tile_overlap": 100}, "rounded up to whole 28-px patches: 112"),
-        ({"tile_overlap": 14}, "set tile_size too"),
-        ({"tile_size": 112, "full_resolution_maps": False}, "needs full_resolution_maps=True"),
-        ({"tile_size": 112, "pre_processor": False}, "needs the model's own pre-processor"),
-        ({"tile_size": 112, "tile_batch_size": 0}, "tile_batch_size must be a positive integer, got 0"),
+        ({"tiling": {"tile_size": 8}}, "tile_size=8 is smaller than one 14-px patch"),
+        ({"tiling": {"tile_size": 101}}, "use tile_size=100 or 104"),  # SIZE 56: 4 x 4 patches
+        ({"tiling": {"tile_size": 102}}, "use tile_size=100 or 104"),
+        ({"tiling": {"tile_size": 112, "tile_overlap": -1}}, "tile_overlap=-1 must be a non-negative"),
+        ({"tiling": {"tile_size": 112, "tile_overlap": 112}}, "not smaller than tile_size=112"),
+        ({"tiling": {"tile_size": 112, "tile_overlap": 100}}, "rounded up to whole 28-px patches: 112"),
+        ({"tiling": {"tile_overlap": 14}}, "set tile_size too"),
+        ({"tiling": {"tile_size": 112}, "full_resolution_maps": False}, "needs full_resolution_maps=True"),
+        ({"tiling": {"tile_size": 112}, "pre_processor": False}, "needs the model's own pre-processor"),
+        ({"tiling": {"tile_size": 112, "tile_batch_size": 0}}, "tile_batch_size must be a positive integer, got 0"),
     ],
 )
 def test_bad_tiling_fails_at_construction_naming_the_setting(options: dict, named: str) -> None:
@@ -318,7 +324,7 @@ def test_too_many_tiles_are_refused_before_any_work(tmp_path: Path) -> None:
     checks = DataChecks(input_size=SIZE, patch_size=14, tiling=Tiling(56, image_size=SIZE, patch_size=14))
     with pytest.raises(ValueError, match=r"tile_size=56 cuts a 8000 x 2000 image into \d+ tiles.*use tile_size="):
         checks.check_dataset(PredictDataset(tmp_path), "predict")
-    model = _model(tile_size=56)
+    model = _model(tiling={"tile_size": 56})
     with pytest.raises(ValueError, match="tile_size=56 cuts a 8000 x 2000 image"):
         model.to_onnx(tmp_path / "export", input_size=(2000, 8000))
     assert not (tmp_path / "export").exists()

@@ -33,11 +33,11 @@ RECORDED = {ARCHITECTURE_KEY: {"teacher": SMALL_TEACHER, "layers": [7, 11], "ima
     "checkpoint",
     [
         RECORDED,
-        {"hyper_parameters": {"teacher": f"{SMALL_TEACHER}.lvd142m", "layers": (7, -1), "image_size": 224}},
-        {"hyper_parameters": {"teacher": SMALL_TEACHER, "lr": 1e-3}},  # settings it lacks are not compared
-        {"state_dict": {}},
+        {ARCHITECTURE_KEY: {"teacher": f"{SMALL_TEACHER}.lvd142m", "layers": (7, -1), "image_size": 224}},
+        {ARCHITECTURE_KEY: {"teacher": SMALL_TEACHER}},  # settings it lacks are not compared
+        {"state_dict": {}, "hyper_parameters": {"teacher": "vit_base_patch14_dinov2", "image_size": 448}},
     ],
-    ids=["recorded", "tag-and-negative-index", "partial-hparams", "no-record"],
+    ids=["recorded", "tag-and-negative-index", "partial-record", "no-record"],
 )
 def test_same_architecture_passes(checkpoint: dict) -> None:
     check_checkpoint_compatible(checkpoint, _architecture(), DEPTH)
@@ -62,7 +62,7 @@ def test_the_record_wins_over_hyper_parameters() -> None:
 
 
 def test_layers_out_of_the_teachers_range_count_as_different() -> None:
-    checkpoint = {"hyper_parameters": {"teacher": SMALL_TEACHER, "layers": (7, 40)}}
+    checkpoint = {ARCHITECTURE_KEY: {"teacher": SMALL_TEACHER, "layers": (7, 40), "image_size": 224}}
     with pytest.raises(CheckpointMismatchError, match="layers"):
         check_checkpoint_compatible(checkpoint, _architecture(), DEPTH)
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from anomalib_transformer_student.training.data_checks import DataChecks
-from anomalib_transformer_student.training.rng_state import LEGACY_KEY, RandomGeneratorState, capture_rng_state
+from anomalib_transformer_student.training.rng_state import RandomGeneratorState
 from anomalib_transformer_student.training.schedule import PaperSchedule
 
 from ...factories import small_model
@@ -31,15 +31,6 @@ def test_rng_state_is_restored_when_a_fit_resumes_only() -> None:
 
     callback.setup(None, None, stage="fit")
     callback.load_state_dict(state)
-    assert _draws() == expected
-
-
-def test_rng_state_of_checkpoints_written_before_the_callback_is_restored() -> None:
-    callback = RandomGeneratorState()
-    checkpoint = {LEGACY_KEY: capture_rng_state(), "callbacks": {}}
-    expected = _draws()
-    callback.setup(None, None, stage="fit")
-    callback.on_load_checkpoint(None, None, checkpoint)
     assert _draws() == expected
 
 

@@ -1,4 +1,4 @@
-"""One evaluator factory (`SizeEvaluator`) for the demo, `transformer-student evaluate` and configs/size_aupro.yaml."""
+"""`SizeEvaluator`, the one evaluator of the demo, `transformer-student evaluate` and configs/size_aupro.yaml."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_options_reach_the_metrics() -> None:
         SizeEvaluator(curve="sampled")
 
 
-def test_size_aupro_config_names_the_factory() -> None:
+def test_size_aupro_config_names_the_size_evaluator() -> None:
     node = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["evaluator"]
     assert node["class_path"] == "anomalib_transformer_student.metrics.SizeEvaluator"
     evaluator = evaluator_from_yaml(node)
@@ -82,7 +82,7 @@ def test_size_aupro_config_names_the_factory() -> None:
     assert {m.curve for m in authors.test_metrics[3:]} == {"authors"}
 
 
-def test_demo_model_tests_with_the_factory() -> None:
+def test_demo_model_tests_with_the_size_evaluator() -> None:
     settings = DemoSettings(teacher=SMALL_TEACHER, image_size=112, pretrained=False)
     model = build_model(settings, resolve_teacher(SMALL_TEACHER, use_pretrained=False))
     assert isinstance(model.evaluator, SizeEvaluator)
@@ -95,7 +95,7 @@ class _Loaded(BaseException):
 
 
 @pytest.mark.parametrize(("options", "curve"), [([], "exact"), (["--curve", "authors"], "authors")])
-def test_evaluate_loads_checkpoints_with_the_factory_evaluator(
+def test_evaluate_loads_checkpoints_with_the_size_evaluator(
     options: list[str], curve: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []

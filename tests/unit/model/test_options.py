@@ -1,13 +1,13 @@
-"""Option groups (``anomaly_map``, ``tiling``): given as dataclasses, dicts or old flat names; plain in checkpoints."""
+"""Option groups (`anomaly_map`, `tiling`, `feature_cache`): dataclasses, dicts or dotted names; plain data saved."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import lightning
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from anomalib_transformer_student import TransformerStudent
 from anomalib_transformer_student.feature_cache.settings import CacheSettings
@@ -29,11 +29,11 @@ def _settings(model: TransformerStudent) -> tuple:
     )
 
 
-def _save(model: TransformerStudent, path: Path, hyper_parameters: dict | None = None) -> Path:
+def _save(model: TransformerStudent, path: Path) -> Path:
     """A checkpoint as Lightning writes it (state dict, hyper-parameters, the module's own entries)."""
     checkpoint = {
         "state_dict": model.state_dict(),
-        "hyper_parameters": dict(model.hparams) if hyper_parameters is None else hyper_parameters,
+        "hyper_parameters": dict(model.hparams),
         "pytorch-lightning_version": lightning.__version__,
     }
     model.on_save_checkpoint(checkpoint)
@@ -41,26 +41,30 @@ def _save(model: TransformerStudent, path: Path, hyper_parameters: dict | None =
     return path
 
 
-def test_a_group_as_dataclass_dict_or_flat_names_configures_the_same_model() -> None:
+def test_a_group_as_dataclass_dict_dictconfig_or_dotted_names_configures_the_same_model() -> None:
+    map_options = {"blur_kernel_sizes": [3], "blur_repeats": [2], "topk_ratio": 0.01}
+    tile_options = {"tile_size": 112, "tile_overlap": 14, "tile_batch_size": 2}
     as_dataclasses = TransformerStudent(
-        **SMALL,
-        anomaly_map=AnomalyMapSettings(blur_kernel_sizes=(3,), blur_repeats=(2,), topk_ratio=0.01),
-        tiling=TilingSettings(tile_size=112, tile_overlap=14, tile_batch_size=2),
+        **SMALL, anomaly_map=AnomalyMapSettings(**map_options), tiling=TilingSettings(**tile_options)
     )
-    as_dicts = TransformerStudent(
-        **SMALL,
-        anomaly_map={"blur_kernel_sizes": [3], "blur_repeats": [2], "topk_ratio": 0.01},
-        tiling={"tile_size": 112, "tile_overlap": 14, "tile_batch_size": 2},
+    as_dicts = TransformerStudent(**SMALL, anomaly_map=map_options, tiling=tile_options)
+    as_dictconfigs = TransformerStudent(
+        **SMALL, anomaly_map=OmegaConf.create(map_options), tiling=OmegaConf.create(tile_options)
     )
-    as_flat_names = TransformerStudent(
-        **SMALL, blur_kernel_sizes=[3], blur_repeats=[2], topk_ratio=0.01, tile_size=112, tile_overlap=14,
-        tile_batch_size=2,
-    )  # fmt: skip
+    # As ``get_model`` passes a jsonargparse Namespace: every option under its dotted name.
+    dotted = {f"anomaly_map.{key}": value for key, value in map_options.items()}
+    dotted.update({f"tiling.{key}": value for key, value in tile_options.items()})
+    as_dotted_names = TransformerStudent(**SMALL, **dotted)
     expected = (0.01, [3, 3], (112, 14), 2)
-    assert _settings(as_dataclasses) == _settings(as_dicts) == _settings(as_flat_names) == expected
-    assert as_dataclasses.hparams["tiling"] == {"tile_size": 112, "tile_overlap": 14, "tile_batch_size": 2}
-    assert "tile_size" not in as_flat_names.hparams  # saved in its group only
-    assert as_flat_names.hparams["tiling"] == as_dataclasses.hparams["tiling"]
+    models = (as_dataclasses, as_dicts, as_dictconfigs, as_dotted_names)
+    assert [_settings(model) for model in models] == [expected] * 4
+    assert [model.hparams["tiling"] for model in models] == [tile_options] * 4
+    assert not any("." in key for key in as_dotted_names.hparams)  # saved in their groups only
+
+
+def test_a_dotted_option_wins_over_its_groups_value_and_keeps_the_others() -> None:
+    model = TransformerStudent(**SMALL, tiling={"tile_size": 112, "tile_batch_size": 3}, **{"tiling.tile_size": 56})
+    assert _settings(model)[2:] == ((56, 0), 3)
 
 
 def test_hyper_parameters_stay_plain_data() -> None:
@@ -77,31 +81,19 @@ def test_new_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
     assert _settings(loaded) == _settings(model)
 
 
-def test_checkpoint_with_the_old_flat_names_keeps_its_settings(tmp_path: Path) -> None:
-    model = TransformerStudent(
-        **SMALL, anomaly_map={"topk_ratio": 0.01}, tiling={"tile_size": 112, "tile_batch_size": 3}
-    )
-    flat = {key: value for key, value in model.hparams.items() if key not in ("anomaly_map", "tiling")}
-    flat.update(model.hparams["anomaly_map"], **model.hparams["tiling"], skip_corrupt_images=False)
-    path = _save(model, tmp_path / "flat.ckpt", hyper_parameters=flat)
-    loaded = TransformerStudent.load_from_checkpoint(path)
-    assert _settings(loaded) == _settings(model) == (0.01, [5] * 5 + [7] * 3, (112, 0), 3)
-    # An override in the new group wins over the checkpoint's flat names; the others still hold.
-    overridden = TransformerStudent.load_from_checkpoint(path, tiling={"tile_batch_size": 5})
-    assert _settings(overridden) == (0.01, [5] * 5 + [7] * 3, (112, 0), 5)
-
-
-def test_unknown_options_and_retired_ones() -> None:
-    with pytest.raises(TypeError, match="tile_sise"):
-        TransformerStudent(**SMALL, tile_sise=112)
+def test_unknown_options_are_refused_naming_them() -> None:
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['tile_size'\]; the options of a group go in it"):
+        TransformerStudent(**SMALL, tile_size=112)
+    with pytest.raises(TypeError, match="skip_corrupt_images"):
+        TransformerStudent(**SMALL, skip_corrupt_images=True)
+    with pytest.raises(TypeError, match=r"'tiles\.tile_size'"):
+        TransformerStudent(**SMALL, **{"tiles.tile_size": 112})
     with pytest.raises(ValueError, match=r"tiling has no option 'size'; its options are \['tile_size'"):
         TransformerStudent(**SMALL, tiling={"size": 112})
-
-
-def test_skip_corrupt_images_on_the_model_is_ignored_with_a_pointer(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        TransformerStudent(**SMALL, skip_corrupt_images=True)
-    assert "DataChecks(skip_corrupt_images=True)" in caplog.text
+    with pytest.raises(ValueError, match=r"tiling has no option 'size'"):
+        TransformerStudent(**SMALL, **{"tiling.size": 112})
+    with pytest.raises(TypeError, match=r"feature_cache=False cannot be combined with feature_cache\.dtype"):
+        TransformerStudent(**SMALL, feature_cache=False, **{"feature_cache.dtype": "float32"})
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 2.0])
@@ -126,9 +118,11 @@ def test_the_cache_options_are_one_group(tmp_path: Path) -> None:
     settings = {"dir": str(tmp_path), "dtype": "float32", "memory_budget_mb": 0, "disk_budget_mb": 64}
     as_dataclass = TransformerStudent(**SMALL, feature_cache=CacheSettings(**settings))
     as_dict = TransformerStudent(**SMALL, feature_cache=settings)
+    as_dotted_names = TransformerStudent(**SMALL, **{f"feature_cache.{key}": value for key, value in settings.items()})
     expected = (None, str(tmp_path), "float32", 0, 64, "float32")
-    assert _cache(as_dataclass) == _cache(as_dict) == expected
+    assert _cache(as_dataclass) == _cache(as_dict) == _cache(as_dotted_names) == expected
     assert as_dict.hparams["feature_cache"] == {"enabled": None, "dtype": "float32"}  # the model, not the machine
+    assert as_dotted_names.hparams["feature_cache"] == as_dict.hparams["feature_cache"]
     assert _cache(TransformerStudent(**SMALL, feature_cache=False))[0] is False
     with pytest.raises(TypeError, match="cache_dir"):
         TransformerStudent(**SMALL, cache_dir=str(tmp_path))
@@ -136,16 +130,3 @@ def test_the_cache_options_are_one_group(tmp_path: Path) -> None:
         TransformerStudent(**SMALL, feature_cache={"size": 1})
     with pytest.raises(ValueError, match=r"feature_cache\.dtype must be one of"):
         TransformerStudent(**SMALL, feature_cache={"dtype": "bfloat16"})
-
-
-def test_a_checkpoint_with_the_old_flat_cache_names_loads_with_this_machines_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    model = TransformerStudent(**SMALL, feature_cache=False)
-    flat = {key: value for key, value in model.hparams.items() if key != "feature_cache"}
-    flat.update(feature_cache=False, cache_dir=str(tmp_path), cache_dtype="float32", cache_memory_budget_mb=0.0)
-    path = _save(model, tmp_path / "flat.ckpt", hyper_parameters=flat)
-    loaded = TransformerStudent.load_from_checkpoint(path, weights_only=True)
-    default = str(tmp_path / "xdg" / "anomalib_transformer_student" / "teacher_features")
-    assert _cache(loaded) == (False, default, "float16", 4096.0, 20480.0, "float32")
