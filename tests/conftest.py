@@ -5,6 +5,7 @@ Helpers live in ``tests/helpers.py``, factories (model, engine, datamodule, coun
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,19 @@ from anomalib_transformer_student.apps.demo_data import DemoDatasetSpec, generat
 
 if TYPE_CHECKING:
     from .factories import Trained
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tests' default teacher-feature cache in a folder of their own, never the user's ``~/.cache``.
+
+    Subprocesses the tests start inherit it.
+    """
+    patch = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("xdg_cache")
+    patch.setenv("XDG_CACHE_HOME", str(home))
+    yield home
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def _groups(model: TransformerStudent) -> tuple[float, int | None, str]:
     return (
         model.model.anomaly_map_generator.topk_ratio,
         None if tiling is None else tiling.tile_size,
-        model.feature_caching.training.dtype,
+        model.feature_caching.settings.dtype,
     )
 
 

@@ -27,7 +27,7 @@ FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
 
 @pytest.mark.parametrize(
     ("image_side", "tiling", "input_size"),
-    [(224, {}, None), (448, {"tile_size": 224}, (448, 448))],
+    [(224, {}, None), (448, {"tiling": {"tile_size": 224}}, (448, 448))],
     ids=["whole-image-dynamic-graph", "tiled-fixed-graph"],
 )
 def test_openvino_labels_and_maps_equal_engine_predict_after_a_4x_shrink(

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from anomalib_transformer_student import TransformerStudent
-from anomalib_transformer_student.apps import cli
+from anomalib_transformer_student.apps import cli, mvtecad2_submission
 
 from ...factories import Trained, make_datamodule, make_engine
 from ...helpers import SMALL_MODEL_ARGS, anomalib_cli, data_args
+from ...mvtecad2_trees import TINY_COUNTS, write_private_test_sets
 
 pytestmark = pytest.mark.slow
 
@@ -75,18 +72,17 @@ def test_evaluate_writes_nothing_outside_its_output(crafted, demo_root: Path, tm
     assert not default.exists()
 
 
-def test_predict_mvtecad2(crafted, tmp_path: Path) -> None:
+def test_predict_mvtecad2(
+    crafted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     checkpoint, victim, default = crafted
     before = state(victim)
-    root = tmp_path / "data"
-    for split in ("test_private", "test_private_mixed"):
-        (root / "cat" / split).mkdir(parents=True)
-        pixels = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "cat" / split / "000.png")
-    status = cli.main(["predict-mvtecad2", "--ckpt", str(checkpoint), "--data-root", str(root), "--category", "cat",
-                       "--output", str(tmp_path / "out")])  # fmt: skip
-    assert status == 0
+    monkeypatch.setattr(mvtecad2_submission, "IMAGE_COUNTS", TINY_COUNTS)
+    root = write_private_test_sets(tmp_path / "data", {"sheet_metal": TINY_COUNTS["sheet_metal"]}, (56, 56))
+    status = cli.main(["predict-mvtecad2", "--ckpt", str(checkpoint), "--data-root", str(root),
+                       "--category", "sheet_metal", "--output", str(tmp_path / "out")])  # fmt: skip
+    # The model loads, then is refused: it was validated without QuantilePostProcessor's good-image threshold.
+    assert status == 2
+    assert "has no pixel threshold" in capsys.readouterr().err
     assert state(victim) == before
     assert not default.exists() or [path.name for path in default.iterdir()] == [".tsfc-budget.lock"]
-    shutil.rmtree(tmp_path / "out")
-    assert os.listdir(victim) == ["Documents"]

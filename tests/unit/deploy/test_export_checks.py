@@ -19,7 +19,7 @@ def _model(**overrides) -> TransformerStudent:
 @pytest.mark.parametrize(
     ("overrides", "input_size", "match"),
     [
-        ({"tile_size": 112}, None, r"tiled .* exports for one image size.*pass input_size=\(height, width\)"),
+        ({"tiling": {"tile_size": 112}}, None, r"tiled .* exports for one image size.*input_size=\(height, width\)"),
         ({"pre_processor": False}, None, r"does not resize.*pass input_size=\(56, 56\)"),
         ({}, (0, 40), r"two positive sides \(height, width\), got \[0, 40\]"),
         ({}, (56,), r"two positive sides"),
