@@ -256,10 +256,12 @@ def pack_submission(folder: str | os.PathLike[str], archive: str | os.PathLike[s
     """Pack ``folder`` as MVTec's script does: ``<name>.tar.gz`` with every file under ``<name>/``.
 
     The archive goes beside the folder unless ``archive`` says where (never inside it: the root rule would
-    break). It is written under a temporary name and renamed into place; links are refused, not packed.
+    break). It is written under a temporary name and linked into place, so that a file already at the archive's
+    path, which may not be this package's, is never replaced; links are refused, not packed.
 
     Raises:
-        SubmissionError: ``archive`` lies inside ``folder``, or ``folder`` holds a symbolic link.
+        SubmissionError: ``archive`` lies inside ``folder``, a file is already at its path, or ``folder`` holds a
+            symbolic link.
 
     Example:
         >>> import tempfile
@@ -293,10 +295,12 @@ def pack_submission(folder: str | os.PathLike[str], archive: str | os.PathLike[s
         with os.fdopen(descriptor, "wb") as handle, tarfile.open(fileobj=handle, mode="w:gz") as tar:
             for path in tqdm(files, desc="Packing", unit="file", disable=not progress):
                 tar.add(path, arcname=Path(root.name, path.relative_to(root)).as_posix(), recursive=False)
-        os.replace(temporary, target)
-    except BaseException:
+        os.link(temporary, target)
+    except FileExistsError:
+        msg = f"'{target}' already exists; remove it yourself, or pack to another path (--archive PATH)."
+        raise SubmissionError(msg) from None
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise
     return target
 
 

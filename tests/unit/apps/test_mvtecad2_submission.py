@@ -165,3 +165,15 @@ def test_check_command_packs_a_passing_folder(
     assert "passes every rule" in capsys.readouterr().out
     assert tarfile.is_tarfile(folder.parent / "submission.tar.gz")
     assert sorted(path.name for path in folder.iterdir()) == ["anomaly_images", "anomaly_images_thresholded"]
+
+
+def test_packing_never_replaces_a_file_already_at_the_archives_path(tmp_path: Path) -> None:
+    folder = tmp_path / "submission"
+    (folder / "anomaly_images").mkdir(parents=True)
+    (folder / "anomaly_images" / "a.txt").write_text("x")
+    existing = tmp_path / "submission.tar.gz"
+    existing.write_text("someone's file")
+    with pytest.raises(SubmissionError, match="already exists"):
+        pack_submission(folder, progress=False)
+    assert existing.read_text() == "someone's file"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["submission", "submission.tar.gz"]
